@@ -1,0 +1,11 @@
+//! Stable Diffusion model code on libtorch (tch), loading diffusers-format folders.
+//!
+//! Module names mirror the diffusers/transformers reference files so the two can be read side
+//! by side, and every module's variable paths equal the checkpoint's tensor names, so loading
+//! is a plain name lookup ([`weights`]).
+
+pub mod device;
+pub mod error;
+pub mod weights;
+
+pub use error::ModelError;
