@@ -4,8 +4,10 @@
 //! by side, and every module's variable paths equal the checkpoint's tensor names, so loading
 //! is a plain name lookup ([`weights`]).
 
+pub mod clip;
 pub mod device;
 pub mod error;
+pub mod tokenizer;
 pub mod weights;
 
 pub use error::ModelError;
