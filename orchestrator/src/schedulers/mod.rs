@@ -1,0 +1,140 @@
+//! Samplers for the reverse-diffusion loop, ported from diffusers 0.42.1 behind one trait.
+//!
+//! The orchestrator's loop is the same for every sampler: scale the latents with
+//! [`Scheduler::scale_model_input`], send them with `timesteps()[step]` to the denoiser, and feed
+//! the guided prediction to [`Scheduler::step`]. Steps are addressed by their position in the
+//! schedule, never by looking a float timestep up again (diffusers-rs' float-equality lookup
+//! breaks when two schedules round the same timestep differently).
+//!
+//! Latents are flat `f32` slices in the denoiser's row-major layout; the samplers are
+//! element-wise, so the batch and image shape do not matter here. Arithmetic on the latents is
+//! f32 in diffusers' order of operations, so results track the reference to float32 rounding.
+
+pub mod config;
+pub mod ddim;
+pub mod schedule;
+
+pub use config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+
+use crate::rng::TorchGenerator;
+
+/// Errors from building or stepping a scheduler. Messages name the field or value at fault so
+/// they can be returned to API clients as INVALID_ARGUMENT.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// A `scheduler_config.json` field has a wrong type or an unsupported value.
+    #[error("scheduler config field `{field}`: {message}")]
+    Config { field: String, message: String },
+    /// The config file could not be read.
+    #[error("reading scheduler config {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The requested number of inference steps is out of range.
+    #[error("steps = {steps} is out of range: must be between 1 and num_train_timesteps ({max})")]
+    Steps { steps: usize, max: usize },
+    /// No scheduler has this name.
+    #[error("unknown scheduler {name:?}; valid names: {}", NAMES.join(", "))]
+    UnknownName { name: String },
+    /// `step` was called with a step index past the end of the schedule.
+    #[error("step index {step} is out of range for a {len}-step schedule")]
+    StepIndex { step: usize, len: usize },
+    /// `model_output` and `sample` differ in length.
+    #[error("model_output has {model_output} elements but sample has {sample}")]
+    Shape { model_output: usize, sample: usize },
+    /// A sampler-specific option has an invalid value.
+    #[error("scheduler option `{option}`: {message}")]
+    Option { option: String, message: String },
+}
+
+/// A reverse-diffusion sampler configured for a fixed number of steps.
+pub trait Scheduler: Send {
+    /// Timesteps of the schedule in the order they are used (noisiest first), as the float
+    /// values sent to the U-Net.
+    fn timesteps(&self) -> &[f32];
+    /// Factor on the initial noise (1 for DDIM; sigma_max-based for sigma schedulers).
+    fn init_noise_sigma(&self) -> f32;
+    /// Model input for step index `step` (identity for DDIM; sigma scaling for Euler-style).
+    fn scale_model_input(&self, sample: &[f32], step: usize) -> Vec<f32>;
+    /// One reverse-diffusion step from the model output at step index `step`; returns the
+    /// previous sample. `rng` supplies noise for stochastic samplers.
+    fn step(
+        &mut self,
+        model_output: &[f32],
+        step: usize,
+        sample: &[f32],
+        rng: &mut TorchGenerator,
+    ) -> Result<Vec<f32>, SchedulerError>;
+}
+
+/// The scheduler used when a request names none.
+pub const DEFAULT: &str = "ddim";
+
+/// Names accepted by [`build`].
+pub const NAMES: &[&str] = &["ddim"];
+
+/// Builds the named scheduler for `steps` inference steps.
+pub fn build(
+    name: &str,
+    config: &SchedulerConfig,
+    steps: usize,
+) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    match name {
+        "ddim" => Ok(Box::new(ddim::DdimScheduler::new(config, steps, 0.0)?)),
+        _ => Err(SchedulerError::UnknownName { name: name.into() }),
+    }
+}
+
+/// Shared argument checks for `step`: index in range and matching lengths.
+fn check_step_args(
+    step: usize,
+    len: usize,
+    model_output: &[f32],
+    sample: &[f32],
+) -> Result<(), SchedulerError> {
+    if step >= len {
+        return Err(SchedulerError::StepIndex { step, len });
+    }
+    if model_output.len() != sample.len() {
+        return Err(SchedulerError::Shape {
+            model_output: model_output.len(),
+            sample: sample.len(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_name_lists_valid_names() {
+        let Err(err) = build("dpm", &SchedulerConfig::default(), 10) else {
+            panic!("expected an error");
+        };
+        let msg = err.to_string();
+        assert!(msg.contains("dpm") && msg.contains(DEFAULT), "{msg}");
+    }
+
+    #[test]
+    fn every_listed_name_builds() {
+        for name in NAMES {
+            let s = build(name, &SchedulerConfig::default(), 10).expect("builds");
+            assert_eq!(s.timesteps().len(), 10, "{name}");
+        }
+    }
+
+    #[test]
+    fn steps_out_of_range_are_rejected() {
+        let config = SchedulerConfig::default();
+        for steps in [0, config.num_train_timesteps + 1] {
+            let Err(err) = build(DEFAULT, &config, steps) else {
+                panic!("steps = {steps} accepted");
+            };
+            assert!(err.to_string().contains("steps"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Noise-schedule math shared by the schedulers: training betas and ᾱ (alphas_cumprod), and
+//! the choice of inference timesteps.
+//!
+//! Everything is computed in f64. diffusers keeps these tables in torch float32, whose
+//! `linspace` and `cumprod` round differently from any simple f64 formula, so exact equality is
+//! not on offer; f64 stays within ~1e-6 relative of diffusers' float32 values (checked by
+//! `tests/scheduler_parity.rs`), which is below what the float32 sampling loop resolves.
+
+use super::SchedulerError;
+use super::config::{BetaSchedule, SchedulerConfig, TimestepSpacing};
+
+/// The training betas, including `rescale_betas_zero_snr` when configured.
+pub fn betas(config: &SchedulerConfig) -> Vec<f64> {
+    let t = config.num_train_timesteps;
+    let betas = if let Some(trained) = &config.trained_betas {
+        trained.clone()
+    } else {
+        match config.beta_schedule {
+            BetaSchedule::Linear => linspace(config.beta_start, config.beta_end, t),
+            // scheduling_ddim.__init__: linspace(beta_start**0.5, beta_end**0.5, T) ** 2.
+            BetaSchedule::ScaledLinear => {
+                linspace(config.beta_start.sqrt(), config.beta_end.sqrt(), t)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect()
+            }
+            BetaSchedule::SquaredCosCapV2 => betas_for_alpha_bar_cosine(t, 0.999),
+        }
+    };
+    if config.rescale_betas_zero_snr {
+        rescale_zero_terminal_snr(&betas)
+    } else {
+        betas
+    }
+}
+
+/// ᾱ_t = Π_{s<=t} (1 − β_s) (DDPM, Ho et al. 2020, eq. 4 notation).
+pub fn alphas_cumprod(betas: &[f64]) -> Vec<f64> {
+    betas
+        .iter()
+        .scan(1.0, |acc, b| {
+            *acc *= 1.0 - b;
+            Some(*acc)
+        })
+        .collect()
+}
+
+/// `np.linspace(start, end, n)` / `torch.linspace` (endpoint included).
+fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f64;
+    (0..n)
+        .map(|i| {
+            if i == n - 1 {
+                end
+            } else {
+                start + step * i as f64
+            }
+        })
+        .collect()
+}
+
+/// `betas_for_alpha_bar(T, max_beta, "cosine")`: β_i = min(1 − ᾱ(t_{i+1})/ᾱ(t_i), max_beta)
+/// with ᾱ(t) = cos²((t + 0.008)/1.008 · π/2) (Nichol & Dhariwal 2021, eq. 17).
+fn betas_for_alpha_bar_cosine(t: usize, max_beta: f64) -> Vec<f64> {
+    let alpha_bar = |x: f64| {
+        ((x + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+            .cos()
+            .powi(2)
+    };
+    (0..t)
+        .map(|i| {
+            let t1 = i as f64 / t as f64;
+            let t2 = (i + 1) as f64 / t as f64;
+            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(max_beta)
+        })
+        .collect()
+}
+
+/// `rescale_zero_terminal_snr` (Lin et al. 2023, algorithm 1): shift and scale √ᾱ so that the
+/// last timestep has zero signal while the first keeps its value.
+fn rescale_zero_terminal_snr(betas: &[f64]) -> Vec<f64> {
+    let sqrt_ac: Vec<f64> = alphas_cumprod(betas).iter().map(|a| a.sqrt()).collect();
+    let first = sqrt_ac[0];
+    let last = sqrt_ac[sqrt_ac.len() - 1];
+    let alphas_bar: Vec<f64> = sqrt_ac
+        .iter()
+        .map(|s| ((s - last) * (first / (first - last))).powi(2))
+        .collect();
+    // Undo the cumulative product: α_0 = ᾱ_0, α_t = ᾱ_t / ᾱ_{t-1}.
+    let mut out = Vec::with_capacity(alphas_bar.len());
+    out.push(1.0 - alphas_bar[0]);
+    out.extend(alphas_bar.windows(2).map(|w| 1.0 - w[1] / w[0]));
+    out
+}
+
+/// Checks `1 <= steps <= num_train_timesteps`, the range diffusers' `set_timesteps` accepts.
+pub fn check_steps(steps: usize, config: &SchedulerConfig) -> Result<(), SchedulerError> {
+    if steps == 0 || steps > config.num_train_timesteps {
+        return Err(SchedulerError::Steps {
+            steps,
+            max: config.num_train_timesteps,
+        });
+    }
+    Ok(())
+}
+
+/// Integer inference timesteps, noisiest first, as `DDIMScheduler.set_timesteps` (and the other
+/// discrete schedulers) computes them with numpy.
+///
+/// One deliberate difference: for `trailing`, diffusers' `np.arange(T, 0, -T/n)` returns n + 1
+/// values for some n (61, 103, 121, ... with T = 1000) because of float rounding, the extra one
+/// being timestep -1. We always return exactly `steps` timesteps, which equal diffusers' first n.
+pub fn timesteps(config: &SchedulerConfig, spacing: TimestepSpacing, steps: usize) -> Vec<i64> {
+    let t = config.num_train_timesteps;
+    match spacing {
+        TimestepSpacing::Linspace => linspace(0.0, (t - 1) as f64, steps)
+            .iter()
+            .rev()
+            .map(|v| v.round_ties_even() as i64)
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = (t / steps) as i64;
+            (0..steps as i64)
+                .rev()
+                .map(|i| i * ratio + config.steps_offset as i64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            // np.arange(T, 0, -ratio) fills start + i * delta with delta = (start + step) - start.
+            let start = t as f64;
+            let delta = (start - t as f64 / steps as f64) - start;
+            (0..steps)
+                .map(|i| (start + i as f64 * delta).round_ties_even() as i64 - 1)
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leading_spacing_matches_sd15_ddim() {
+        let config = SchedulerConfig {
+            steps_offset: 1,
+            ..SchedulerConfig::default()
+        };
+        let ts = timesteps(&config, TimestepSpacing::Leading, 10);
+        assert_eq!(ts, [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]);
+    }
+
+    #[test]
+    fn trailing_spacing_starts_at_the_last_training_step() {
+        let ts = timesteps(&SchedulerConfig::default(), TimestepSpacing::Trailing, 61);
+        assert_eq!(ts.len(), 61);
+        assert_eq!(ts[0], 999);
+        assert!(ts.iter().all(|t| *t >= 0));
+    }
+
+    #[test]
+    fn zero_snr_rescale_ends_at_zero_signal() {
+        let config = SchedulerConfig {
+            rescale_betas_zero_snr: true,
+            ..SchedulerConfig::default()
+        };
+        let ac = alphas_cumprod(&betas(&config));
+        assert_eq!(ac[ac.len() - 1], 0.0);
+    }
+}

@@ -1,0 +1,180 @@
+//! Parity of the schedulers with diffusers 0.42.1: `tests/python/reference_schedulers.py` runs
+//! each configuration's full sampling loop in diffusers with a deterministic fake U-Net, and this
+//! test runs the same loop through `sd_orchestrator::schedulers`.
+//!
+//! Compared: timesteps exactly; ᾱ (alphas_cumprod) within 1e-6 relative (we compute the table
+//! in f64, diffusers in float32; see the constants for where that is loosened); the scaled model input of every step and the final latents
+//! within `FINAL_TOL` relative to the latents' largest magnitude. The latents' arithmetic is f32
+//! in diffusers' order, so the residual difference comes from the f32-vs-f64 ᾱ tables and is
+//! reported by the test output.
+
+use std::path::Path;
+use std::process::Command;
+
+use sd_orchestrator::rng::TorchGenerator;
+use sd_orchestrator::schedulers::{self, Scheduler, SchedulerConfig, ddim::DdimScheduler};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Final-latent tolerance, relative to max |latent|: a few f32 ulps per step of accumulated
+/// rounding on ~1e-7 relative schedule differences; 50 steps stay well below 1e-5.
+const FINAL_TOL: f64 = 1e-5;
+/// ᾱ tolerance: f64 vs torch float32 linspace/cumprod rounding.
+const ALPHA_TOL: f64 = 1e-6;
+/// ᾱ tolerance with `rescale_betas_zero_snr`: diffusers computes √ᾱ − √ᾱ_T and the ratios
+/// ᾱ_t/ᾱ_{t−1} in float32, whose cancellation grows towards the tail where ᾱ → 0.
+const ZERO_SNR_ALPHA_TOL: f64 = 1e-5;
+/// Below this ᾱ the ᾱ errors are measured absolutely (scaled by the floor): the cosine schedule
+/// reaches ᾱ ≈ 2e-9, where 1000 float32 products carry ~1e-5 relative rounding, yet an absolute
+/// error of 1e-14 there moves √(1−ᾱ) and √ᾱ by far less than a float32 ulp of the latents.
+const ALPHA_FLOOR: f64 = 1e-3;
+
+#[derive(Deserialize)]
+struct Reference {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    scheduler: String,
+    config: Value,
+    steps: usize,
+    options: Value,
+    seed: u64,
+    numel: usize,
+    timesteps: Vec<f32>,
+    init_noise_sigma: f32,
+    alphas_cumprod: Vec<f64>,
+    first_inputs: Vec<f32>,
+    #[serde(rename = "final")]
+    final_bits: Vec<u32>,
+}
+
+fn reference() -> Reference {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("schedulers.json");
+    let status = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/python/reference_schedulers.py"))
+        .arg(&out)
+        .status()
+        .expect("run .venv/bin/python (create the workspace venv first)");
+    assert!(status.success(), "reference_schedulers.py failed: {status}");
+    serde_json::from_str(&std::fs::read_to_string(&out).expect("read output")).expect("parse")
+}
+
+/// The fake U-Net of the reference script, with the same f32 rounding steps.
+fn fake_unet(x: &[f32], t: f32) -> Vec<f32> {
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let wave = (0.001 * f64::from(t) + 0.37 * i as f64).sin() as f32;
+            0.5 * v + 0.1 * wave
+        })
+        .collect()
+}
+
+fn build(case: &Case, config: &SchedulerConfig) -> Box<dyn Scheduler> {
+    match case.options.get("eta").and_then(Value::as_f64) {
+        Some(eta) => Box::new(DdimScheduler::new(config, case.steps, eta as f32).expect("ddim")),
+        None => schedulers::build(&case.scheduler, config, case.steps).expect("build"),
+    }
+}
+
+/// Largest error of `ours` against `theirs` relative to `max(|theirs|, ALPHA_FLOOR)`, and
+/// where it occurs.
+fn max_rel_err(ours: &[f64], theirs: &[f64]) -> (f64, usize) {
+    assert_eq!(ours.len(), theirs.len());
+    ours.iter()
+        .zip(theirs)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(ALPHA_FLOOR))
+        .enumerate()
+        .fold(
+            (0.0, 0),
+            |(m, at), (i, e)| if e > m { (e, i) } else { (m, at) },
+        )
+}
+
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b
+        .iter()
+        .fold(0f64, |m, v| m.max(f64::from(v.abs())))
+        .max(1e-30);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+#[test]
+fn sampling_loops_match_diffusers() {
+    let reference = reference();
+    let mut worst = (0.0f64, String::new());
+    for case in &reference.cases {
+        let label = format!("{} steps={}", case.name, case.steps);
+        let config = SchedulerConfig::from_json(&case.config.to_string()).expect("config");
+
+        let ac = schedulers::schedule::alphas_cumprod(&schedulers::schedule::betas(&config));
+        let (alpha_err, alpha_at) = max_rel_err(&ac, &case.alphas_cumprod);
+        let alpha_tol = if config.rescale_betas_zero_snr {
+            ZERO_SNR_ALPHA_TOL
+        } else {
+            ALPHA_TOL
+        };
+        assert!(
+            alpha_err <= alpha_tol,
+            "{label}: alphas_cumprod[{alpha_at}] = {}, diffusers {} ({alpha_err:e} relative)",
+            ac[alpha_at],
+            case.alphas_cumprod[alpha_at]
+        );
+
+        let mut scheduler = build(case, &config);
+        assert_eq!(
+            scheduler.timesteps(),
+            case.timesteps.as_slice(),
+            "{label}: timesteps"
+        );
+        assert_eq!(
+            scheduler.init_noise_sigma(),
+            case.init_noise_sigma,
+            "{label}"
+        );
+
+        let mut g = TorchGenerator::new(case.seed);
+        let sigma = scheduler.init_noise_sigma();
+        let mut latents: Vec<f32> = g.randn(case.numel).iter().map(|v| v * sigma).collect();
+        for step in 0..case.timesteps.len() {
+            let x = scheduler.scale_model_input(&latents, step);
+            let first = case.first_inputs[step];
+            assert!(
+                (x[0] - first).abs() <= FINAL_TOL as f32 * first.abs().max(1.0),
+                "{label}: step {step} model input {} vs diffusers {first}",
+                x[0]
+            );
+            let eps = fake_unet(&x, scheduler.timesteps()[step]);
+            latents = scheduler.step(&eps, step, &latents, &mut g).expect("step");
+        }
+        let want: Vec<f32> = case.final_bits.iter().map(|b| f32::from_bits(*b)).collect();
+        let diff = rel_diff(&latents, &want);
+        let exact = latents
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() == b.to_bits())
+            .count();
+        eprintln!(
+            "{label:34} alphas_cumprod rel err {alpha_err:.1e}; final latents max rel diff \
+             {diff:.2e}, {exact}/{} bit-identical",
+            want.len()
+        );
+        assert!(
+            diff <= FINAL_TOL,
+            "{label}: final latents differ by {diff:e} relative"
+        );
+        if diff > worst.0 {
+            worst = (diff, label);
+        }
+    }
+    eprintln!("worst: {:.2e} ({})", worst.0, worst.1);
+}
