@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
 SD1 = {
     "beta_start": 0.00085,
@@ -49,7 +49,13 @@ COSINE_SAMPLE = {
     "clip_sample_range": 1.5,
 }
 
-CLASSES = {"ddim": DDIMScheduler}
+LOG_LINEAR = {**SD1, "interpolation_type": "log_linear"}
+
+CLASSES = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_ancestral": EulerAncestralDiscreteScheduler,
+}
 
 CASES = []
 for steps in (1, 10, 50):
@@ -60,6 +66,13 @@ for steps in (1, 10, 50):
         ("defaults_linspace_ddim", "ddim", DEFAULTS_LINSPACE, steps, {}),
         ("cosine_sample_ddim", "ddim", COSINE_SAMPLE, steps, {}),
         ("sd1_ddim_eta", "ddim", SD1, steps, {"eta": 0.7}),
+        ("sd1_euler", "euler", SD1, steps, {}),
+        ("sd2_v_leading_euler", "euler", SD2_V, steps, {}),
+        ("zero_snr_trailing_euler", "euler", ZERO_SNR, steps, {}),
+        ("log_linear_euler", "euler", LOG_LINEAR, steps, {}),
+        ("sd1_euler_ancestral", "euler_ancestral", SD1, steps, {}),
+        ("sd2_v_leading_euler_ancestral", "euler_ancestral", SD2_V, steps, {}),
+        ("zero_snr_trailing_euler_ancestral", "euler_ancestral", ZERO_SNR, steps, {}),
     ]
 
 SHAPE = (1, 4, 8, 8)
@@ -77,7 +90,8 @@ def bits(t: torch.Tensor) -> list[int]:
 
 
 def run(name, kind, config, steps, kwargs):
-    scheduler = CLASSES[kind](**config)
+    # from_config, like loading a model folder: keys the class does not know are ignored.
+    scheduler = CLASSES[kind].from_config(config)
     scheduler.set_timesteps(steps)
     g = torch.Generator("cpu").manual_seed(SEED)
     latents = torch.randn(SHAPE, generator=g, dtype=torch.float32) * scheduler.init_noise_sigma

@@ -47,6 +47,16 @@ pub enum TimestepSpacing {
     Trailing,
 }
 
+/// `interpolation_type` of the sigma schedulers: how inference sigmas are read off the
+/// training sigmas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterpolationType {
+    /// `np.interp` of σ(t) at the inference timesteps.
+    Linear,
+    /// Log-uniform from σ_min to σ_max.
+    LogLinear,
+}
+
 /// The scheduler configuration shared by all schedulers. Defaults are those of diffusers'
 /// `DDIMScheduler.__init__`; `timestep_spacing` is optional because its default differs
 /// between schedulers (see [`SchedulerConfig::timestep_spacing_or`]).
@@ -68,6 +78,15 @@ pub struct SchedulerConfig {
     pub prediction_type: PredictionType,
     pub timestep_spacing: Option<TimestepSpacing>,
     pub rescale_betas_zero_snr: bool,
+    /// Sigma schedulers: `interpolation_type`.
+    pub interpolation_type: InterpolationType,
+    /// Sigma-schedule variants of the Euler family that are parsed but not implemented:
+    /// `use_karras_sigmas`, `use_exponential_sigmas`, `use_beta_sigmas` set to true,
+    /// `timestep_type` "continuous", `final_sigmas_type` "sigma_min". Each entry is the field
+    /// name and its value; the sigma schedulers refuse to build while any is set, so a model
+    /// that asks for them is never silently sampled another way. DDIM ignores them, as
+    /// diffusers does.
+    pub unsupported_sigma_options: Vec<(String, String)>,
 }
 
 impl Default for SchedulerConfig {
@@ -86,6 +105,8 @@ impl Default for SchedulerConfig {
             prediction_type: PredictionType::Epsilon,
             timestep_spacing: None,
             rescale_betas_zero_snr: false,
+            interpolation_type: InterpolationType::Linear,
+            unsupported_sigma_options: Vec::new(),
         }
     }
 }
@@ -171,6 +192,16 @@ impl SchedulerConfig {
             rescale_betas_zero_snr: fields
                 .bool("rescale_betas_zero_snr")?
                 .unwrap_or(d.rescale_betas_zero_snr),
+            interpolation_type: fields
+                .choice(
+                    "interpolation_type",
+                    &[
+                        ("linear", InterpolationType::Linear),
+                        ("log_linear", InterpolationType::LogLinear),
+                    ],
+                )?
+                .unwrap_or(d.interpolation_type),
+            unsupported_sigma_options: fields.unsupported_sigma_options()?,
         };
         config.validate()?;
         Ok(config)
@@ -293,6 +324,25 @@ impl Fields<'_> {
                     .ok_or_else(|| self.wrong_type(field, "a list of numbers", v))
             })
             .transpose()
+    }
+
+    fn unsupported_sigma_options(&self) -> Result<Vec<(String, String)>, SchedulerError> {
+        let mut found = Vec::new();
+        for field in [
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+        ] {
+            if self.bool(field)?.unwrap_or(false) {
+                found.push((field.to_owned(), "true".to_owned()));
+            }
+        }
+        for (field, default) in [("timestep_type", "discrete"), ("final_sigmas_type", "zero")] {
+            if let Some(v) = self.string(field)?.filter(|v| v != default) {
+                found.push((field.to_owned(), v));
+            }
+        }
+        Ok(found)
     }
 
     fn choice<T: Copy>(

@@ -12,9 +12,14 @@
 
 pub mod config;
 pub mod ddim;
+pub mod euler_ancestral_discrete;
+pub mod euler_discrete;
 pub mod schedule;
+pub mod sigmas;
 
-pub use config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+pub use config::{
+    BetaSchedule, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
+};
 
 use crate::rng::TorchGenerator;
 
@@ -73,7 +78,7 @@ pub trait Scheduler: Send {
 pub const DEFAULT: &str = "ddim";
 
 /// Names accepted by [`build`].
-pub const NAMES: &[&str] = &["ddim"];
+pub const NAMES: &[&str] = &["ddim", "euler", "euler_ancestral"];
 
 /// Builds the named scheduler for `steps` inference steps.
 pub fn build(
@@ -83,6 +88,12 @@ pub fn build(
 ) -> Result<Box<dyn Scheduler>, SchedulerError> {
     match name {
         "ddim" => Ok(Box::new(ddim::DdimScheduler::new(config, steps, 0.0)?)),
+        "euler" => Ok(Box::new(euler_discrete::EulerDiscreteScheduler::new(
+            config, steps,
+        )?)),
+        "euler_ancestral" => Ok(Box::new(
+            euler_ancestral_discrete::EulerAncestralDiscreteScheduler::new(config, steps)?,
+        )),
         _ => Err(SchedulerError::UnknownName { name: name.into() }),
     }
 }

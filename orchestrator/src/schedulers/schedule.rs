@@ -139,6 +139,23 @@ pub fn timesteps(config: &SchedulerConfig, spacing: TimestepSpacing, steps: usiz
     }
 }
 
+/// Float inference timesteps of the sigma schedulers (`EulerDiscreteScheduler.set_timesteps`):
+/// like [`timesteps`] except that `linspace` is not rounded (diffusers keeps
+/// `np.linspace(..., dtype=float32)` as is, so 50 steps give 999, 978.61224, ...).
+pub fn timesteps_f32(config: &SchedulerConfig, spacing: TimestepSpacing, steps: usize) -> Vec<f32> {
+    match spacing {
+        TimestepSpacing::Linspace => linspace(0.0, (config.num_train_timesteps - 1) as f64, steps)
+            .iter()
+            .rev()
+            .map(|v| *v as f32)
+            .collect(),
+        TimestepSpacing::Leading | TimestepSpacing::Trailing => timesteps(config, spacing, steps)
+            .iter()
+            .map(|t| *t as f32)
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
