@@ -5,9 +5,16 @@
 //! is a plain name lookup ([`weights`]).
 
 pub mod clip;
+pub mod attention;
+pub mod autoencoder_kl;
 pub mod device;
+pub mod embeddings;
 pub mod error;
 pub mod tokenizer;
+pub mod resnet;
+pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
+pub mod vae;
 pub mod weights;
 
 pub use error::ModelError;
