@@ -23,9 +23,10 @@ const FINAL_TOL: f64 = 1e-5;
 /// of ᾱ_T (measured: a few f32 ulps).
 const SIGMA_TOL: f64 = 1e-5;
 /// Final-latent tolerance for the sigma samplers with `rescale_betas_zero_snr`: they start from
-/// σ_max = √((1−2⁻²⁴)/2⁻²⁴) = 4096, and diffusers' float32 rescaling (see ZERO_SNR_ALPHA_TOL)
-/// puts ~1e-6 relative noise into every σ, which that scale amplifies.
-const ZERO_SNR_SIGMA_FINAL_TOL: f64 = 1e-4;
+/// σ_max = √((1−2⁻²⁴)/2⁻²⁴) = 4096 and the first step cancels terms of that size, so float32
+/// rounding alone is ~4096·2⁻²⁴ ≈ 2.4e-4 absolute (in diffusers as much as here); measured worst
+/// 1.5e-4 (Euler, 2 steps).
+const ZERO_SNR_SIGMA_FINAL_TOL: f64 = 5e-4;
 /// ᾱ tolerance: f64 vs torch float32 linspace/cumprod rounding.
 const ALPHA_TOL: f64 = 1e-6;
 /// ᾱ tolerance with `rescale_betas_zero_snr`: diffusers computes √ᾱ − √ᾱ_T and the ratios
@@ -159,6 +160,11 @@ fn sampling_loops_match_diffusers() {
             case.init_noise_sigma
         );
 
+        let final_tol = if config.rescale_betas_zero_snr && case.scheduler != "ddim" {
+            ZERO_SNR_SIGMA_FINAL_TOL
+        } else {
+            FINAL_TOL
+        };
         let mut g = TorchGenerator::new(case.seed);
         let sigma = scheduler.init_noise_sigma();
         let mut latents: Vec<f32> = g.randn(case.numel).iter().map(|v| v * sigma).collect();
@@ -166,7 +172,7 @@ fn sampling_loops_match_diffusers() {
             let x = scheduler.scale_model_input(&latents, step);
             let first = case.first_inputs[step];
             assert!(
-                (x[0] - first).abs() <= FINAL_TOL as f32 * first.abs().max(1.0),
+                (x[0] - first).abs() <= final_tol as f32 * first.abs().max(1.0),
                 "{label}: step {step} model input {} vs diffusers {first}",
                 x[0]
             );
@@ -185,11 +191,6 @@ fn sampling_loops_match_diffusers() {
              {diff:.2e}, {exact}/{} bit-identical",
             want.len()
         );
-        let final_tol = if config.rescale_betas_zero_snr && case.scheduler != "ddim" {
-            ZERO_SNR_SIGMA_FINAL_TOL
-        } else {
-            FINAL_TOL
-        };
         assert!(
             diff <= final_tol,
             "{label}: final latents differ by {diff:e} relative"

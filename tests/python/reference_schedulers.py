@@ -21,7 +21,12 @@ import sys
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
 
 SD1 = {
     "beta_start": 0.00085,
@@ -55,10 +60,11 @@ CLASSES = {
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
     "euler_ancestral": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
 }
 
 CASES = []
-for steps in (1, 10, 50):
+for steps in (1, 2, 10, 50):
     CASES += [
         ("sd1_ddim", "ddim", SD1, steps, {}),
         ("sd2_v_ddim", "ddim", SD2_V, steps, {}),
@@ -73,6 +79,10 @@ for steps in (1, 10, 50):
         ("sd1_euler_ancestral", "euler_ancestral", SD1, steps, {}),
         ("sd2_v_leading_euler_ancestral", "euler_ancestral", SD2_V, steps, {}),
         ("zero_snr_trailing_euler_ancestral", "euler_ancestral", ZERO_SNR, steps, {}),
+        ("sd1_dpmpp_2m", "dpmpp_2m", SD1, steps, {}),
+        ("sd2_v_leading_dpmpp_2m", "dpmpp_2m", SD2_V, steps, {}),
+        ("zero_snr_trailing_dpmpp_2m", "dpmpp_2m", ZERO_SNR, steps, {}),
+        ("cosine_sample_dpmpp_2m", "dpmpp_2m", COSINE_SAMPLE, steps, {}),
     ]
 
 SHAPE = (1, 4, 8, 8)

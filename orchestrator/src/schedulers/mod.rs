@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod ddim;
+pub mod dpmsolver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
 pub mod schedule;
@@ -78,7 +79,7 @@ pub trait Scheduler: Send {
 pub const DEFAULT: &str = "ddim";
 
 /// Names accepted by [`build`].
-pub const NAMES: &[&str] = &["ddim", "euler", "euler_ancestral"];
+pub const NAMES: &[&str] = &["ddim", "euler", "euler_ancestral", "dpmpp_2m"];
 
 /// Builds the named scheduler for `steps` inference steps.
 pub fn build(
@@ -91,6 +92,9 @@ pub fn build(
         "euler" => Ok(Box::new(euler_discrete::EulerDiscreteScheduler::new(
             config, steps,
         )?)),
+        "dpmpp_2m" => Ok(Box::new(
+            dpmsolver_multistep::DpmSolverMultistepScheduler::new(config, steps)?,
+        )),
         "euler_ancestral" => Ok(Box::new(
             euler_ancestral_discrete::EulerAncestralDiscreteScheduler::new(config, steps)?,
         )),

@@ -1,0 +1,202 @@
+//! DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", algorithm 2, midpoint form), following
+//! diffusers 0.42.1 `scheduling_dpmsolver_multistep.py::DPMSolverMultistepScheduler` with
+//! `algorithm_type="dpmsolver++"`, `solver_order=2`, `solver_type="midpoint"` and
+//! `final_sigmas_type="zero"` — the sampler UIs call "DPM++ 2M".
+
+use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
+use super::{Scheduler, SchedulerError, check_step_args, schedule};
+use crate::rng::TorchGenerator;
+
+/// The name fixes the algorithm (data prediction, second order, midpoint), whatever solver
+/// fields the model's `scheduler_config.json` carries, just as choosing "DPM++ 2M" does in
+/// sampler UIs. Second order needs the previous step's x₀ estimate, kept between calls, so
+/// steps must be taken in order.
+#[derive(Debug, Clone)]
+pub struct DpmSolverMultistepScheduler {
+    timesteps: Vec<f32>,
+    /// σ per step plus the final 0.
+    sigmas: Vec<f32>,
+    prediction_type: PredictionType,
+    /// x₀ estimate of the previous step (`model_outputs[-2]` in diffusers).
+    previous_x0: Option<Vec<f32>>,
+    /// The step index the next call must have: the multistep history is only valid in order.
+    next_step: usize,
+}
+
+impl DpmSolverMultistepScheduler {
+    /// `DPMSolverMultistepScheduler(**config)` followed by `set_timesteps(steps)`.
+    pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self, SchedulerError> {
+        config.validate()?;
+        schedule::check_steps(steps, config)?;
+        if let Some((field, value)) = config.unsupported_sigma_options.first() {
+            return Err(SchedulerError::Config {
+                field: field.clone(),
+                message: format!("{value} is not supported by the dpmpp_2m scheduler"),
+            });
+        }
+        let mut alphas_cumprod: Vec<f32> = schedule::alphas_cumprod(&schedule::betas(config))
+            .into_iter()
+            .map(|a| a as f32)
+            .collect();
+        if config.rescale_betas_zero_snr
+            && let Some(last) = alphas_cumprod.last_mut()
+        {
+            // As in __init__: keep σ_T finite.
+            *last = 2f32.powi(-24);
+        }
+        let t_train = config.num_train_timesteps;
+        let spacing = config.timestep_spacing_or(TimestepSpacing::Linspace);
+        // set_timesteps with lambda_min_clipped = -inf (so last_timestep = T): n + 1 points with
+        // the final (t = 0) one dropped, except for trailing spacing.
+        let timesteps: Vec<i64> = match spacing {
+            TimestepSpacing::Linspace => {
+                let step = (t_train - 1) as f64 / steps as f64;
+                (1..=steps)
+                    .rev()
+                    .map(|i| {
+                        let v = if i == steps {
+                            (t_train - 1) as f64
+                        } else {
+                            step * i as f64
+                        };
+                        v.round_ties_even() as i64
+                    })
+                    .collect()
+            }
+            TimestepSpacing::Leading => {
+                let ratio = (t_train / (steps + 1)) as i64;
+                (1..=steps as i64)
+                    .rev()
+                    .map(|i| i * ratio + config.steps_offset as i64)
+                    .collect()
+            }
+            TimestepSpacing::Trailing => schedule::timesteps(config, spacing, steps),
+        };
+        if let Some(t) = timesteps
+            .iter()
+            .find(|t| **t < 0 || **t as usize >= t_train)
+        {
+            return Err(SchedulerError::Config {
+                field: "steps_offset".into(),
+                message: format!(
+                    "{} puts timestep {t} outside [0, {t_train})",
+                    config.steps_offset
+                ),
+            });
+        }
+        // np.interp at integer timesteps reads the training σ_t = √((1 − ᾱ_t)/ᾱ_t) exactly.
+        let mut sigmas: Vec<f32> = timesteps
+            .iter()
+            .map(|t| {
+                let a = alphas_cumprod[*t as usize];
+                ((1.0 - a) / a).sqrt()
+            })
+            .collect();
+        sigmas.push(0.0);
+        Ok(Self {
+            timesteps: timesteps.iter().map(|t| *t as f32).collect(),
+            sigmas,
+            prediction_type: config.prediction_type,
+            previous_x0: None,
+            next_step: 0,
+        })
+    }
+
+    /// σ per step, plus the final 0.
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+}
+
+/// `_sigma_to_alpha_sigma_t`: (α_t, σ_t) of the VP process from the VE σ:
+/// α_t = 1/√(σ²+1), σ_t = σ·α_t.
+fn alpha_sigma(sigma: f32) -> (f32, f32) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// λ = log α_t − log σ_t, the half log-SNR DPM-Solver steps in.
+fn lambda(alpha: f32, sigma: f32) -> f32 {
+    alpha.ln() - sigma.ln()
+}
+
+impl Scheduler for DpmSolverMultistepScheduler {
+    fn timesteps(&self) -> &[f32] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &[f32], _step: usize) -> Vec<f32> {
+        sample.to_vec()
+    }
+
+    fn step(
+        &mut self,
+        model_output: &[f32],
+        step: usize,
+        sample: &[f32],
+        _rng: &mut TorchGenerator,
+    ) -> Result<Vec<f32>, SchedulerError> {
+        check_step_args(step, self.timesteps.len(), model_output, sample)?;
+        if step != self.next_step {
+            return Err(SchedulerError::Option {
+                option: "step".into(),
+                message: format!(
+                    "dpmpp_2m is multistep: expected step {}, got {step}",
+                    self.next_step
+                ),
+            });
+        }
+        // convert_model_output (dpmsolver++): the data prediction x₀.
+        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step]);
+        let x0: Vec<f32> = model_output
+            .iter()
+            .zip(sample)
+            .map(|(&m, &x)| match self.prediction_type {
+                PredictionType::Epsilon => (x - sigma_s0 * m) / alpha_s0,
+                PredictionType::VPrediction => alpha_s0 * x - sigma_s0 * m,
+                PredictionType::Sample => m,
+            })
+            .collect();
+
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step + 1]);
+        let lambda_t = lambda(alpha_t, sigma_t);
+        let lambda_s0 = lambda(alpha_s0, sigma_s0);
+        let h = lambda_t - lambda_s0;
+        let c_sample = sigma_t / sigma_s0;
+        let c_d = alpha_t * ((-h).exp() - 1.0);
+        let last = step == self.timesteps.len() - 1;
+
+        let prev: Vec<f32> = match (&self.previous_x0, last) {
+            // Second order (multistep_dpm_solver_second_order_update, DPM-Solver++ eq. 16
+            // midpoint form): D1 = (m0 − m1)/r0 with r0 = h_0/h.
+            (Some(m1), false) => {
+                let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[step - 1]);
+                let h_0 = lambda_s0 - lambda(alpha_s1, sigma_s1);
+                let inv_r0 = 1.0 / (h_0 / h);
+                let half_c_d = 0.5 * c_d;
+                x0.iter()
+                    .zip(m1)
+                    .zip(sample)
+                    .map(|((&d0, &m1), &x)| {
+                        let d1 = inv_r0 * (d0 - m1);
+                        c_sample * x - c_d * d0 - half_c_d * d1
+                    })
+                    .collect()
+            }
+            // First order (dpm_solver_first_order_update, DPM-Solver++ eq. 13 with k = 1): on
+            // the first step, and on the last, which lands on σ = 0 (final_sigmas_type "zero").
+            _ => x0
+                .iter()
+                .zip(sample)
+                .map(|(&d0, &x)| c_sample * x - c_d * d0)
+                .collect(),
+        };
+        self.previous_x0 = Some(x0);
+        self.next_step = step + 1;
+        Ok(prev)
+    }
+}
