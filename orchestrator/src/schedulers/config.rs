@@ -252,9 +252,23 @@ impl SchedulerConfig {
         Ok(())
     }
 
+    /// `_class_name`: the diffusers scheduler the model was published with, if named.
+    pub fn class_name(&self) -> Option<&str> {
+        self.class_name.as_deref()
+    }
+
     /// The configured spacing, or the given scheduler's own default when the file has none.
     pub fn timestep_spacing_or(&self, default: TimestepSpacing) -> TimestepSpacing {
         self.timestep_spacing.unwrap_or(default)
+    }
+}
+
+/// `serde_json::from_str::<SchedulerConfig>(text)` works too, with the same field-naming errors
+/// and defaults as [`SchedulerConfig::from_json`].
+impl<'de> serde::Deserialize<'de> for SchedulerConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = Map::<String, Value>::deserialize(deserializer)?;
+        Self::from_map(&map).map_err(serde::de::Error::custom)
     }
 }
 
@@ -390,6 +404,19 @@ mod tests {
         assert_eq!(c.trained_betas, None);
         assert_eq!(c.prediction_type, PredictionType::Epsilon);
         assert_eq!(c.timestep_spacing, None);
+    }
+
+    #[test]
+    fn serde_deserialize_matches_from_json() {
+        let via_serde: SchedulerConfig = serde_json::from_str(SD15).expect("valid");
+        assert_eq!(via_serde, SchedulerConfig::from_json(SD15).expect("valid"));
+        let err = serde_json::from_str::<SchedulerConfig>(r#"{"beta_schedule": "cubic"}"#)
+            .expect_err("unknown variant")
+            .to_string();
+        assert!(
+            err.contains("beta_schedule") && err.contains("cubic"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -81,6 +81,20 @@ pub const DEFAULT: &str = "ddim";
 /// Names accepted by [`build`].
 pub const NAMES: &[&str] = &["ddim", "euler", "euler_ancestral", "dpmpp_2m"];
 
+/// Our name for the diffusers scheduler class a model folder names in `_class_name`, so a model
+/// samples by default the way it was published. `None` for classes we do not implement (the
+/// caller then falls back to [`DEFAULT`]). The class decides the family only: e.g. a
+/// `DPMSolverMultistepScheduler` config is sampled as DPM++ 2M whatever its solver fields say.
+pub fn name_for_class(class_name: Option<&str>) -> Option<&'static str> {
+    match class_name? {
+        "DDIMScheduler" => Some("ddim"),
+        "EulerDiscreteScheduler" => Some("euler"),
+        "EulerAncestralDiscreteScheduler" => Some("euler_ancestral"),
+        "DPMSolverMultistepScheduler" => Some("dpmpp_2m"),
+        _ => None,
+    }
+}
+
 /// Builds the named scheduler for `steps` inference steps.
 pub fn build(
     name: &str,
@@ -132,6 +146,24 @@ mod tests {
         };
         let msg = err.to_string();
         assert!(msg.contains("dpm") && msg.contains(DEFAULT), "{msg}");
+    }
+
+    #[test]
+    fn class_names_map_to_built_schedulers() {
+        assert_eq!(
+            name_for_class(Some("EulerDiscreteScheduler")),
+            Some("euler")
+        );
+        assert_eq!(name_for_class(Some("VQDiffusionScheduler")), None);
+        assert_eq!(name_for_class(None), None);
+        for class in [
+            "DDIMScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "DPMSolverMultistepScheduler",
+        ] {
+            let name = name_for_class(Some(class)).expect("mapped");
+            assert!(NAMES.contains(&name), "{class} -> {name}");
+        }
     }
 
     #[test]
