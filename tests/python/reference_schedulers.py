@@ -7,7 +7,7 @@ runs the pipeline's loop with a deterministic fake U-Net:
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
         eps = 0.5 * x + 0.1 * sin(0.001 * t + 0.37 * i)      (float32, i = flat element index)
-        latents = scheduler.step(eps, t, latents, generator=g, **kwargs).prev_sample
+        latents = scheduler.step(eps, t, latents, **kwargs).prev_sample
 
 The same generator seeds the latents and any per-step noise, as in diffusers' pipelines.
 Outputs timesteps, alphas_cumprod, per-step model inputs' first values and the final latents.
@@ -15,6 +15,7 @@ Outputs timesteps, alphas_cumprod, per-step model inputs' first values and the f
 Usage: reference_schedulers.py OUT.json
 """
 
+import inspect
 import json
 import math
 import sys
@@ -26,6 +27,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    PNDMScheduler,
 )
 
 SD1 = {
@@ -61,6 +63,7 @@ CLASSES = {
     "euler": EulerDiscreteScheduler,
     "euler_ancestral": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
+    "pndm": PNDMScheduler,
 }
 
 CASES = []
@@ -83,6 +86,9 @@ for steps in (1, 2, 10, 50):
         ("sd2_v_leading_dpmpp_2m", "dpmpp_2m", SD2_V, steps, {}),
         ("zero_snr_trailing_dpmpp_2m", "dpmpp_2m", ZERO_SNR, steps, {}),
         ("cosine_sample_dpmpp_2m", "dpmpp_2m", COSINE_SAMPLE, steps, {}),
+        ("sd1_pndm", "pndm", {**SD1, "skip_prk_steps": True}, steps, {}),
+        ("sd2_v_pndm", "pndm", {**SD2_V, "skip_prk_steps": True}, steps, {}),
+        ("linspace_pndm", "pndm", {**SD1, "skip_prk_steps": True, "timestep_spacing": "linspace"}, steps, {}),
     ]
 
 SHAPE = (1, 4, 8, 8)
@@ -106,17 +112,19 @@ def run(name, kind, config, steps, kwargs):
     g = torch.Generator("cpu").manual_seed(SEED)
     latents = torch.randn(SHAPE, generator=g, dtype=torch.float32) * scheduler.init_noise_sigma
     first_inputs = []
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        kwargs = {**kwargs, "generator": g}
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
         first_inputs.append(float(x.reshape(-1)[0]))
         eps = fake_unet(x, float(t))
-        latents = scheduler.step(eps, t, latents, generator=g, **kwargs).prev_sample
+        latents = scheduler.step(eps, t, latents, **kwargs).prev_sample
     return {
         "name": name,
         "scheduler": kind,
         "config": config,
         "steps": steps,
-        "options": kwargs,
+        "options": {k: v for k, v in kwargs.items() if k != "generator"},
         "seed": SEED,
         "numel": math.prod(SHAPE),
         "timesteps": [float(t) for t in scheduler.timesteps],

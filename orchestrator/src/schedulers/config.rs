@@ -58,8 +58,8 @@ pub enum InterpolationType {
 }
 
 /// The scheduler configuration shared by all schedulers. Defaults are those of diffusers'
-/// `DDIMScheduler.__init__`; `timestep_spacing` is optional because its default differs
-/// between schedulers (see [`SchedulerConfig::timestep_spacing_or`]).
+/// `DDIMScheduler.__init__`; `timestep_spacing` and `set_alpha_to_one` are optional because
+/// their defaults differ between schedulers (see [`SchedulerConfig::timestep_spacing_or`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
     /// `_class_name`: the scheduler the model was published with, if the file names one.
@@ -73,7 +73,10 @@ pub struct SchedulerConfig {
     pub trained_betas: Option<Vec<f64>>,
     pub clip_sample: bool,
     pub clip_sample_range: f64,
-    pub set_alpha_to_one: bool,
+    /// `set_alpha_to_one`; optional because DDIM defaults it to true and PNDM to false.
+    pub set_alpha_to_one: Option<bool>,
+    /// PNDM: `skip_prk_steps` (false in diffusers when absent).
+    pub skip_prk_steps: bool,
     pub steps_offset: usize,
     pub prediction_type: PredictionType,
     pub timestep_spacing: Option<TimestepSpacing>,
@@ -100,7 +103,8 @@ impl Default for SchedulerConfig {
             trained_betas: None,
             clip_sample: true,
             clip_sample_range: 1.0,
-            set_alpha_to_one: true,
+            set_alpha_to_one: None,
+            skip_prk_steps: false,
             steps_offset: 0,
             prediction_type: PredictionType::Epsilon,
             timestep_spacing: None,
@@ -167,9 +171,8 @@ impl SchedulerConfig {
             clip_sample_range: fields
                 .f64("clip_sample_range")?
                 .unwrap_or(d.clip_sample_range),
-            set_alpha_to_one: fields
-                .bool("set_alpha_to_one")?
-                .unwrap_or(d.set_alpha_to_one),
+            set_alpha_to_one: fields.bool("set_alpha_to_one")?,
+            skip_prk_steps: fields.bool("skip_prk_steps")?.unwrap_or(d.skip_prk_steps),
             steps_offset: fields.usize("steps_offset")?.unwrap_or(d.steps_offset),
             prediction_type: fields
                 .choice(
@@ -400,7 +403,8 @@ mod tests {
         assert_eq!(c.beta_schedule, BetaSchedule::ScaledLinear);
         assert_eq!((c.beta_start, c.beta_end), (0.00085, 0.012));
         assert_eq!(c.steps_offset, 1);
-        assert!(!c.set_alpha_to_one && !c.clip_sample);
+        assert_eq!(c.set_alpha_to_one, Some(false));
+        assert!(c.skip_prk_steps && !c.clip_sample);
         assert_eq!(c.trained_betas, None);
         assert_eq!(c.prediction_type, PredictionType::Epsilon);
         assert_eq!(c.timestep_spacing, None);

@@ -39,7 +39,8 @@ impl DdimScheduler {
             .into_iter()
             .map(|a| a as f32)
             .collect();
-        let final_alpha_cumprod = if config.set_alpha_to_one {
+        // DDIMScheduler's default for set_alpha_to_one is true.
+        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
             1.0
         } else {
             alphas_cumprod[0]

@@ -15,6 +15,7 @@ pub mod ddim;
 pub mod dpmsolver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
+pub mod pndm;
 pub mod schedule;
 pub mod sigmas;
 
@@ -79,7 +80,7 @@ pub trait Scheduler: Send {
 pub const DEFAULT: &str = "ddim";
 
 /// Names accepted by [`build`].
-pub const NAMES: &[&str] = &["ddim", "euler", "euler_ancestral", "dpmpp_2m"];
+pub const NAMES: &[&str] = &["ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm"];
 
 /// Our name for the diffusers scheduler class a model folder names in `_class_name`, so a model
 /// samples by default the way it was published. `None` for classes we do not implement (the
@@ -91,6 +92,7 @@ pub fn name_for_class(class_name: Option<&str>) -> Option<&'static str> {
         "EulerDiscreteScheduler" => Some("euler"),
         "EulerAncestralDiscreteScheduler" => Some("euler_ancestral"),
         "DPMSolverMultistepScheduler" => Some("dpmpp_2m"),
+        "PNDMScheduler" => Some("pndm"),
         _ => None,
     }
 }
@@ -109,6 +111,7 @@ pub fn build(
         "dpmpp_2m" => Ok(Box::new(
             dpmsolver_multistep::DpmSolverMultistepScheduler::new(config, steps)?,
         )),
+        "pndm" => Ok(Box::new(pndm::PndmScheduler::new(config, steps)?)),
         "euler_ancestral" => Ok(Box::new(
             euler_ancestral_discrete::EulerAncestralDiscreteScheduler::new(config, steps)?,
         )),
