@@ -171,10 +171,47 @@ mod tests {
 
     #[test]
     fn every_listed_name_builds() {
+        let config = SchedulerConfig {
+            skip_prk_steps: true,
+            ..SchedulerConfig::default()
+        };
         for name in NAMES {
-            let s = build(name, &SchedulerConfig::default(), 10).expect("builds");
-            assert_eq!(s.timesteps().len(), 10, "{name}");
+            let s = build(name, &config, 10).expect("builds");
+            // PLMS calls the U-Net once more than its step count (warm-up step).
+            let expected = if *name == "pndm" { 11 } else { 10 };
+            assert_eq!(s.timesteps().len(), expected, "{name}");
         }
+    }
+
+    #[test]
+    fn multistep_schedulers_reject_out_of_order_steps() {
+        let config = SchedulerConfig {
+            skip_prk_steps: true,
+            ..SchedulerConfig::default()
+        };
+        let mut rng = TorchGenerator::new(0);
+        let x = vec![0.5f32; 4];
+        for name in ["pndm", "dpmpp_2m"] {
+            let mut s = build(name, &config, 10).expect("builds");
+            let err = s
+                .step(&x, 1, &x, &mut rng)
+                .expect_err("step 1 before step 0");
+            assert!(err.to_string().contains("expected step 0"), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn mismatched_lengths_and_indices_are_errors() {
+        let mut s = build(DEFAULT, &SchedulerConfig::default(), 10).expect("builds");
+        let mut rng = TorchGenerator::new(0);
+        let err = s
+            .step(&[0.0; 3], 0, &[0.0; 4], &mut rng)
+            .expect_err("shape");
+        assert!(err.to_string().contains("model_output"), "{err}");
+        let err = s
+            .step(&[0.0; 4], 10, &[0.0; 4], &mut rng)
+            .expect_err("index");
+        assert!(err.to_string().contains("step index 10"), "{err}");
     }
 
     #[test]
