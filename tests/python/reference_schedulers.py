@@ -27,6 +27,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     PNDMScheduler,
 )
 
@@ -56,6 +57,9 @@ COSINE_SAMPLE = {
     "clip_sample_range": 1.5,
 }
 
+# x0-prediction with clipping, on SD's betas (the cosine schedule's σ_max ≈ 2e4 makes the
+# sigma samplers' float32 rounding swamp the comparison).
+SAMPLE_CLIP = {**SD1, "prediction_type": "sample", "clip_sample": True, "clip_sample_range": 1.5}
 LOG_LINEAR = {**SD1, "interpolation_type": "log_linear"}
 
 CLASSES = {
@@ -64,6 +68,7 @@ CLASSES = {
     "euler_ancestral": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "pndm": PNDMScheduler,
+    "heun": HeunDiscreteScheduler,
 }
 
 CASES = []
@@ -89,6 +94,12 @@ for steps in (1, 2, 10, 50):
         ("sd1_pndm", "pndm", {**SD1, "skip_prk_steps": True}, steps, {}),
         ("sd2_v_pndm", "pndm", {**SD2_V, "skip_prk_steps": True}, steps, {}),
         ("linspace_pndm", "pndm", {**SD1, "skip_prk_steps": True, "timestep_spacing": "linspace"}, steps, {}),
+        # PNDM and Heun have no rescale_betas_zero_snr: from_config drops it.
+        ("zero_snr_config_pndm", "pndm", {**ZERO_SNR, "skip_prk_steps": True}, steps, {}),
+        ("sd1_heun", "heun", SD1, steps, {}),
+        ("sd2_v_leading_heun", "heun", SD2_V, steps, {}),
+        ("sample_clip_heun", "heun", SAMPLE_CLIP, steps, {}),
+        ("zero_snr_config_heun", "heun", ZERO_SNR, steps, {}),
     ]
 
 SHAPE = (1, 4, 8, 8)

@@ -58,8 +58,9 @@ pub enum InterpolationType {
 }
 
 /// The scheduler configuration shared by all schedulers. Defaults are those of diffusers'
-/// `DDIMScheduler.__init__`; `timestep_spacing` and `set_alpha_to_one` are optional because
-/// their defaults differ between schedulers (see [`SchedulerConfig::timestep_spacing_or`]).
+/// `DDIMScheduler.__init__`; `timestep_spacing`, `set_alpha_to_one` and `clip_sample` are
+/// optional because their defaults differ between schedulers (see
+/// [`SchedulerConfig::timestep_spacing_or`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
     /// `_class_name`: the scheduler the model was published with, if the file names one.
@@ -71,7 +72,8 @@ pub struct SchedulerConfig {
     pub beta_schedule: BetaSchedule,
     /// Explicit betas; when present they replace `beta_schedule`.
     pub trained_betas: Option<Vec<f64>>,
-    pub clip_sample: bool,
+    /// `clip_sample`; optional because DDIM defaults it to true and Heun to false.
+    pub clip_sample: Option<bool>,
     pub clip_sample_range: f64,
     /// `set_alpha_to_one`; optional because DDIM defaults it to true and PNDM to false.
     pub set_alpha_to_one: Option<bool>,
@@ -101,7 +103,7 @@ impl Default for SchedulerConfig {
             beta_end: 0.02,
             beta_schedule: BetaSchedule::Linear,
             trained_betas: None,
-            clip_sample: true,
+            clip_sample: None,
             clip_sample_range: 1.0,
             set_alpha_to_one: None,
             skip_prk_steps: false,
@@ -167,7 +169,7 @@ impl SchedulerConfig {
                 )?
                 .unwrap_or(d.beta_schedule),
             trained_betas: fields.f64_list("trained_betas")?,
-            clip_sample: fields.bool("clip_sample")?.unwrap_or(d.clip_sample),
+            clip_sample: fields.bool("clip_sample")?,
             clip_sample_range: fields
                 .f64("clip_sample_range")?
                 .unwrap_or(d.clip_sample_range),
@@ -404,7 +406,8 @@ mod tests {
         assert_eq!((c.beta_start, c.beta_end), (0.00085, 0.012));
         assert_eq!(c.steps_offset, 1);
         assert_eq!(c.set_alpha_to_one, Some(false));
-        assert!(c.skip_prk_steps && !c.clip_sample);
+        assert!(c.skip_prk_steps);
+        assert_eq!(c.clip_sample, Some(false));
         assert_eq!(c.trained_betas, None);
         assert_eq!(c.prediction_type, PredictionType::Epsilon);
         assert_eq!(c.timestep_spacing, None);

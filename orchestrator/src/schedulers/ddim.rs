@@ -67,8 +67,10 @@ impl DdimScheduler {
             timesteps,
             stride: (config.num_train_timesteps / steps) as i64,
             prediction_type: config.prediction_type,
+            // DDIMScheduler's default for clip_sample is true.
             clip_sample: config
                 .clip_sample
+                .unwrap_or(true)
                 .then_some(config.clip_sample_range as f32),
             eta,
         })

@@ -15,6 +15,7 @@ pub mod ddim;
 pub mod dpmsolver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
+pub mod heun_discrete;
 pub mod pndm;
 pub mod schedule;
 pub mod sigmas;
@@ -80,7 +81,14 @@ pub trait Scheduler: Send {
 pub const DEFAULT: &str = "ddim";
 
 /// Names accepted by [`build`].
-pub const NAMES: &[&str] = &["ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm"];
+pub const NAMES: &[&str] = &[
+    "ddim",
+    "euler",
+    "euler_ancestral",
+    "dpmpp_2m",
+    "pndm",
+    "heun",
+];
 
 /// Our name for the diffusers scheduler class a model folder names in `_class_name`, so a model
 /// samples by default the way it was published. `None` for classes we do not implement (the
@@ -93,6 +101,7 @@ pub fn name_for_class(class_name: Option<&str>) -> Option<&'static str> {
         "EulerAncestralDiscreteScheduler" => Some("euler_ancestral"),
         "DPMSolverMultistepScheduler" => Some("dpmpp_2m"),
         "PNDMScheduler" => Some("pndm"),
+        "HeunDiscreteScheduler" => Some("heun"),
         _ => None,
     }
 }
@@ -112,6 +121,9 @@ pub fn build(
             dpmsolver_multistep::DpmSolverMultistepScheduler::new(config, steps)?,
         )),
         "pndm" => Ok(Box::new(pndm::PndmScheduler::new(config, steps)?)),
+        "heun" => Ok(Box::new(heun_discrete::HeunDiscreteScheduler::new(
+            config, steps,
+        )?)),
         "euler_ancestral" => Ok(Box::new(
             euler_ancestral_discrete::EulerAncestralDiscreteScheduler::new(config, steps)?,
         )),
@@ -178,7 +190,12 @@ mod tests {
         for name in NAMES {
             let s = build(name, &config, 10).expect("builds");
             // PLMS calls the U-Net once more than its step count (warm-up step).
-            let expected = if *name == "pndm" { 11 } else { 10 };
+            let expected = match *name {
+                "pndm" => 11,
+                // Heun: two U-Net calls per step but the first.
+                "heun" => 19,
+                _ => 10,
+            };
             assert_eq!(s.timesteps().len(), expected, "{name}");
         }
     }
@@ -191,7 +208,7 @@ mod tests {
         };
         let mut rng = TorchGenerator::new(0);
         let x = vec![0.5f32; 4];
-        for name in ["pndm", "dpmpp_2m"] {
+        for name in ["pndm", "dpmpp_2m", "heun"] {
             let mut s = build(name, &config, 10).expect("builds");
             let err = s
                 .step(&x, 1, &x, &mut rng)

@@ -29,6 +29,12 @@ pub struct PndmScheduler {
 impl PndmScheduler {
     /// `PNDMScheduler(**config)` followed by `set_timesteps(steps)`.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self, SchedulerError> {
+        // PNDMScheduler has no rescale_betas_zero_snr parameter, so diffusers' from_config
+        // drops it; do the same so a shared config samples identically.
+        let config = &SchedulerConfig {
+            rescale_betas_zero_snr: false,
+            ..config.clone()
+        };
         config.validate()?;
         schedule::check_steps(steps, config)?;
         if !config.skip_prk_steps {
