@@ -20,17 +20,38 @@ pub enum TensorError {
     #[error("{field}: unknown or unspecified dtype {dtype}")]
     UnknownDType { field: String, dtype: i32 },
     #[error("{field}: dtype {actual:?} not accepted here (expected one of {expected:?})")]
-    WrongDType { field: String, actual: DataType, expected: Vec<DataType> },
+    WrongDType {
+        field: String,
+        actual: DataType,
+        expected: Vec<DataType>,
+    },
     #[error("{field}: negative dimension in shape {shape:?}")]
     NegativeDim { field: String, shape: Vec<i64> },
     #[error("{field}: shape {shape:?} has more than {MAX_ELEMENTS} elements")]
     TooLarge { field: String, shape: Vec<i64> },
     #[error("{field}: {actual} data bytes, but shape {shape:?} of {dtype:?} needs {expected}")]
-    ByteLength { field: String, shape: Vec<i64>, dtype: DataType, actual: usize, expected: u64 },
+    ByteLength {
+        field: String,
+        shape: Vec<i64>,
+        dtype: DataType,
+        actual: usize,
+        expected: u64,
+    },
     #[error("{field}: expected rank {expected} ({layout}), got shape {shape:?}")]
-    Rank { field: String, expected: usize, layout: &'static str, shape: Vec<i64> },
+    Rank {
+        field: String,
+        expected: usize,
+        layout: &'static str,
+        shape: Vec<i64>,
+    },
     #[error("{field}: dimension {dim} ({name}) is {actual}, expected {expected}")]
-    Dim { field: String, dim: usize, name: &'static str, actual: i64, expected: i64 },
+    Dim {
+        field: String,
+        dim: usize,
+        name: &'static str,
+        actual: i64,
+        expected: i64,
+    },
 }
 
 impl DataType {
@@ -47,7 +68,10 @@ impl DataType {
 
     /// Whether this is one of the floating point types.
     pub fn is_float(self) -> bool {
-        matches!(self, DataType::Float32 | DataType::Float16 | DataType::Bfloat16)
+        matches!(
+            self,
+            DataType::Float32 | DataType::Float16 | DataType::Bfloat16
+        )
     }
 }
 
@@ -65,7 +89,11 @@ impl Tensor {
         for v in values {
             data.extend_from_slice(&v.to_le_bytes());
         }
-        Tensor { dtype: DataType::Float32 as i32, shape: shape.to_vec(), data: data.into() }
+        Tensor {
+            dtype: DataType::Float32 as i32,
+            shape: shape.to_vec(),
+            data: data.into(),
+        }
     }
 
     /// Number of elements the shape describes (1 for a scalar).
@@ -79,15 +107,26 @@ impl Tensor {
         let dtype = DataType::try_from(self.dtype)
             .ok()
             .filter(|d| *d != DataType::Unspecified)
-            .ok_or_else(|| TensorError::UnknownDType { field: field.into(), dtype: self.dtype })?;
+            .ok_or_else(|| TensorError::UnknownDType {
+                field: field.into(),
+                dtype: self.dtype,
+            })?;
         if self.shape.iter().any(|&d| d < 0) {
-            return Err(TensorError::NegativeDim { field: field.into(), shape: self.shape.clone() });
+            return Err(TensorError::NegativeDim {
+                field: field.into(),
+                shape: self.shape.clone(),
+            });
         }
         let numel = self
             .shape
             .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64).filter(|n| *n <= MAX_ELEMENTS))
-            .ok_or_else(|| TensorError::TooLarge { field: field.into(), shape: self.shape.clone() })?;
+            .try_fold(1u64, |acc, &d| {
+                acc.checked_mul(d as u64).filter(|n| *n <= MAX_ELEMENTS)
+            })
+            .ok_or_else(|| TensorError::TooLarge {
+                field: field.into(),
+                shape: self.shape.clone(),
+            })?;
         let size = dtype.size_bytes().unwrap_or(0) as u64;
         let expected = numel * size;
         if self.data.len() as u64 != expected {
@@ -139,12 +178,20 @@ impl Tensor {
     }
 
     /// Refuses dtypes outside `allowed`. Call after [`validate`](Self::validate).
-    pub fn require_dtype(&self, field: &str, allowed: &[DataType]) -> Result<DataType, TensorError> {
+    pub fn require_dtype(
+        &self,
+        field: &str,
+        allowed: &[DataType],
+    ) -> Result<DataType, TensorError> {
         let dtype = self.validate(field)?;
         if allowed.contains(&dtype) {
             Ok(dtype)
         } else {
-            Err(TensorError::WrongDType { field: field.into(), actual: dtype, expected: allowed.to_vec() })
+            Err(TensorError::WrongDType {
+                field: field.into(),
+                actual: dtype,
+                expected: allowed.to_vec(),
+            })
         }
     }
 
@@ -178,7 +225,11 @@ mod tests {
     use super::*;
 
     fn t(dtype: DataType, shape: &[i64], bytes: usize) -> Tensor {
-        Tensor { dtype: dtype as i32, shape: shape.to_vec(), data: vec![0u8; bytes].into() }
+        Tensor {
+            dtype: dtype as i32,
+            shape: shape.to_vec(),
+            data: vec![0u8; bytes].into(),
+        }
     }
 
     #[test]
@@ -196,14 +247,27 @@ mod tests {
         for v in vals {
             data.extend_from_slice(&f16::from_f32(v).to_le_bytes());
         }
-        let tensor = Tensor { dtype: DataType::Float16 as i32, shape: vec![3], data: data.into() };
+        let tensor = Tensor {
+            dtype: DataType::Float16 as i32,
+            shape: vec![3],
+            data: data.into(),
+        };
         assert_eq!(tensor.to_f32_vec("x").unwrap(), vals);
     }
 
     #[test]
     fn byte_length_mismatch_is_refused_with_field_name() {
-        let err = t(DataType::Float32, &[1, 4, 8, 8], 255).validate("sample").unwrap_err();
-        assert!(matches!(err, TensorError::ByteLength { expected: 1024, actual: 255, .. }));
+        let err = t(DataType::Float32, &[1, 4, 8, 8], 255)
+            .validate("sample")
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            TensorError::ByteLength {
+                expected: 1024,
+                actual: 255,
+                ..
+            }
+        ));
         assert!(err.to_string().starts_with("sample:"), "{err}");
     }
 
@@ -211,9 +275,15 @@ mod tests {
     fn unknown_dtype_negative_and_huge_shapes_are_refused() {
         let mut x = t(DataType::Float32, &[2], 8);
         x.dtype = 99;
-        assert!(matches!(x.validate("x"), Err(TensorError::UnknownDType { dtype: 99, .. })));
+        assert!(matches!(
+            x.validate("x"),
+            Err(TensorError::UnknownDType { dtype: 99, .. })
+        ));
         x.dtype = 0;
-        assert!(matches!(x.validate("x"), Err(TensorError::UnknownDType { dtype: 0, .. })));
+        assert!(matches!(
+            x.validate("x"),
+            Err(TensorError::UnknownDType { dtype: 0, .. })
+        ));
         assert!(matches!(
             t(DataType::Float32, &[-1, 2], 8).validate("x"),
             Err(TensorError::NegativeDim { .. })
@@ -227,15 +297,30 @@ mod tests {
     #[test]
     fn shape_checks_name_the_dimension() {
         let x = t(DataType::Float32, &[2, 3, 8, 8], 2 * 3 * 64 * 4);
-        let dims = [("batch", None), ("channels", Some(4)), ("height", None), ("width", None)];
-        let err = x.validate_shape("sample", "[B, C, H, W]", &dims).unwrap_err();
+        let dims = [
+            ("batch", None),
+            ("channels", Some(4)),
+            ("height", None),
+            ("width", None),
+        ];
+        let err = x
+            .validate_shape("sample", "[B, C, H, W]", &dims)
+            .unwrap_err();
         assert!(err.to_string().contains("channels"), "{err}");
         assert!(matches!(
             x.validate_shape("sample", "[B, C]", &dims[..2]),
             Err(TensorError::Rank { expected: 2, .. })
         ));
-        let ok = [("batch", None), ("channels", Some(3)), ("height", None), ("width", None)];
-        assert_eq!(x.validate_shape("sample", "[B, C, H, W]", &ok), Ok(DataType::Float32));
+        let ok = [
+            ("batch", None),
+            ("channels", Some(3)),
+            ("height", None),
+            ("width", None),
+        ];
+        assert_eq!(
+            x.validate_shape("sample", "[B, C, H, W]", &ok),
+            Ok(DataType::Float32)
+        );
         let empty = t(DataType::Float32, &[0, 3, 8, 8], 0);
         assert!(matches!(
             empty.validate_shape("sample", "[B, C, H, W]", &ok),
@@ -248,7 +333,10 @@ mod tests {
         let x = t(DataType::Int64, &[2], 16);
         assert!(matches!(
             x.to_f32_vec("timesteps"),
-            Err(TensorError::WrongDType { actual: DataType::Int64, .. })
+            Err(TensorError::WrongDType {
+                actual: DataType::Int64,
+                ..
+            })
         ));
     }
 }

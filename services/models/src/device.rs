@@ -98,12 +98,24 @@ mod tests {
     #[test]
     fn parses_devices_and_dtypes() {
         assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec(Device::Cpu)));
-        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec(Device::Cuda(0))));
-        assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec(Device::Cuda(3))));
+        assert_eq!(
+            "cuda".parse::<DeviceSpec>(),
+            Ok(DeviceSpec(Device::Cuda(0)))
+        );
+        assert_eq!(
+            "cuda:3".parse::<DeviceSpec>(),
+            Ok(DeviceSpec(Device::Cuda(3)))
+        );
         assert!("tpu".parse::<DeviceSpec>().unwrap_err().contains("tpu"));
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
         assert_eq!("bf16".parse::<DTypeSpec>(), Ok(DTypeSpec(Kind::BFloat16)));
-        assert!("f16".parse::<DTypeSpec>().unwrap().check_device(DeviceSpec(Device::Cpu)).is_err());
+        assert!(
+            "f16"
+                .parse::<DTypeSpec>()
+                .unwrap()
+                .check_device(DeviceSpec(Device::Cpu))
+                .is_err()
+        );
         assert!("f8".parse::<DTypeSpec>().is_err());
     }
 }

@@ -7,7 +7,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: missing (expected in a diffusers-format model folder)")]
     Missing { path: PathBuf },
     #[error("{path}: invalid config: {message}")]
@@ -18,7 +21,11 @@ pub enum ModelError {
          s.save_file(torch.load('{file}', weights_only=True), '{stem}.safetensors')\"`, or \
          `pipe.save_pretrained(dir, safe_serialization=True)` with diffusers"
     )]
-    Pickle { path: PathBuf, file: String, stem: String },
+    Pickle {
+        path: PathBuf,
+        file: String,
+        stem: String,
+    },
     #[error("{path}: weights do not match the model built from its config:\n{report}")]
     WeightMismatch { path: PathBuf, report: String },
     #[error("{path}: {message}")]

@@ -54,23 +54,37 @@ pub fn find_weights(
             }
         }
     }
-    Err(ModelError::Missing { path: dir.join(format!("{}.safetensors", candidates[0])) })
+    Err(ModelError::Missing {
+        path: dir.join(format!("{}.safetensors", candidates[0])),
+    })
 }
 
 fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>, ModelError> {
-    let text = std::fs::read_to_string(index)
-        .map_err(|source| ModelError::Io { path: index.to_path_buf(), source })?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::Config { path: index.to_path_buf(), message: e.to_string() })?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-        ModelError::Config { path: index.to_path_buf(), message: "no `weight_map` object".into() }
+    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
+        path: index.to_path_buf(),
+        source,
     })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: index.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::Config {
+            path: index.to_path_buf(),
+            message: "no `weight_map` object".into(),
+        })?;
     let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
     files
         .into_iter()
         .map(|f| {
             let p = dir.join(f);
-            if p.is_file() { Ok(p) } else { Err(ModelError::Missing { path: p }) }
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(ModelError::Missing { path: p })
+            }
         })
         .collect()
 }
@@ -79,8 +93,10 @@ fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>, ModelErro
 pub fn read_tensors(files: &[PathBuf]) -> Result<BTreeMap<String, Tensor>, ModelError> {
     let mut all = BTreeMap::new();
     for file in files {
-        let tensors = Tensor::read_safetensors(file)
-            .map_err(|e| ModelError::Weights { path: file.clone(), message: e.to_string() })?;
+        let tensors = Tensor::read_safetensors(file).map_err(|e| ModelError::Weights {
+            path: file.clone(),
+            message: e.to_string(),
+        })?;
         all.extend(tensors);
     }
     Ok(all)
@@ -112,7 +128,11 @@ pub fn load_into(
     let unexpected: Vec<String> = tensors
         .keys()
         .filter(|k| !variables.contains_key(*k))
-        .filter(|k| !ignored.iter().any(|i| *k == i || (i.ends_with('.') && k.starts_with(i))))
+        .filter(|k| {
+            !ignored
+                .iter()
+                .any(|i| *k == i || (i.ends_with('.') && k.starts_with(i)))
+        })
         .cloned()
         .collect();
     if !(missing.is_empty() && unexpected.is_empty() && shapes.is_empty()) {
@@ -120,7 +140,10 @@ pub fn load_into(
         section(&mut report, "missing from the checkpoint", &missing);
         section(&mut report, "unexpected in the checkpoint", &unexpected);
         section(&mut report, "shape mismatches", &shapes);
-        return Err(ModelError::WeightMismatch { path: origin.to_path_buf(), report });
+        return Err(ModelError::WeightMismatch {
+            path: origin.to_path_buf(),
+            report,
+        });
     }
     tch::no_grad(|| -> Result<(), ModelError> {
         for (name, mut var) in variables {
@@ -140,7 +163,10 @@ fn section(report: &mut String, title: &str, names: &[String]) {
         report.push_str(&format!("    {n}\n"));
     }
     if names.len() > REPORT_LIMIT {
-        report.push_str(&format!("    ... and {} more\n", names.len() - REPORT_LIMIT));
+        report.push_str(&format!(
+            "    ... and {} more\n",
+            names.len() - REPORT_LIMIT
+        ));
     }
 }
 
@@ -161,13 +187,20 @@ pub fn load_component(
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
-            ModelError::Missing { path: path.to_path_buf() }
+            ModelError::Missing {
+                path: path.to_path_buf(),
+            }
         } else {
-            ModelError::Io { path: path.to_path_buf(), source }
+            ModelError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
         }
     })?;
-    serde_json::from_str(&text)
-        .map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -178,7 +211,9 @@ mod tests {
     fn store() -> VarStore {
         let vs = VarStore::new(Device::Cpu);
         let root = vs.root();
-        let _ = root.sub("layer").var("weight", &[2, 3], nn::Init::Const(0.));
+        let _ = root
+            .sub("layer")
+            .var("weight", &[2, 3], nn::Init::Const(0.));
         let _ = root.sub("layer").var("bias", &[2], nn::Init::Const(0.));
         vs
     }
@@ -196,7 +231,10 @@ mod tests {
         save(
             dir.path(),
             "model.fp16.safetensors",
-            &[("layer.weight", w), ("layer.bias", Tensor::ones([2], (Kind::Half, Device::Cpu)))],
+            &[
+                ("layer.weight", w),
+                ("layer.bias", Tensor::ones([2], (Kind::Half, Device::Cpu))),
+            ],
         );
         let vs = store();
         load_component(&vs, dir.path(), "model", None, &[]).unwrap();
@@ -213,17 +251,41 @@ mod tests {
             dir.path(),
             "model.safetensors",
             &[
-                ("layer.weight", Tensor::zeros([3, 2], (Kind::Float, Device::Cpu))),
-                ("extra.weight", Tensor::zeros([1], (Kind::Float, Device::Cpu))),
-                ("embeddings.position_ids", Tensor::zeros([1], (Kind::Int64, Device::Cpu))),
+                (
+                    "layer.weight",
+                    Tensor::zeros([3, 2], (Kind::Float, Device::Cpu)),
+                ),
+                (
+                    "extra.weight",
+                    Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+                ),
+                (
+                    "embeddings.position_ids",
+                    Tensor::zeros([1], (Kind::Int64, Device::Cpu)),
+                ),
             ],
         );
-        let err = load_component(&store(), dir.path(), "model", None, &["embeddings.position_ids"])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("1 missing from the checkpoint:\n    layer.bias"), "{err}");
-        assert!(err.contains("1 unexpected in the checkpoint:\n    extra.weight"), "{err}");
-        assert!(err.contains("layer.weight: checkpoint [3, 2], model [2, 3]"), "{err}");
+        let err = load_component(
+            &store(),
+            dir.path(),
+            "model",
+            None,
+            &["embeddings.position_ids"],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("1 missing from the checkpoint:\n    layer.bias"),
+            "{err}"
+        );
+        assert!(
+            err.contains("1 unexpected in the checkpoint:\n    extra.weight"),
+            "{err}"
+        );
+        assert!(
+            err.contains("layer.weight: checkpoint [3, 2], model [2, 3]"),
+            "{err}"
+        );
         assert!(!err.contains("position_ids"), "{err}");
     }
 
@@ -231,7 +293,11 @@ mod tests {
     fn pickles_are_refused_and_missing_files_named() {
         let dir = tempfile::tempdir().unwrap();
         let err = find_weights(dir.path(), "diffusion_pytorch_model", None).unwrap_err();
-        assert!(err.to_string().contains("diffusion_pytorch_model.safetensors: missing"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("diffusion_pytorch_model.safetensors: missing"),
+            "{err}"
+        );
         std::fs::write(dir.path().join("diffusion_pytorch_model.bin"), b"pickle").unwrap();
         let err = find_weights(dir.path(), "diffusion_pytorch_model", None).unwrap_err();
         assert!(matches!(err, ModelError::Pickle { .. }), "{err}");
@@ -241,7 +307,11 @@ mod tests {
     #[test]
     fn variant_is_required_when_asked_for() {
         let dir = tempfile::tempdir().unwrap();
-        save(dir.path(), "model.safetensors", &[("a", Tensor::zeros([1], (Kind::Float, Device::Cpu)))]);
+        save(
+            dir.path(),
+            "model.safetensors",
+            &[("a", Tensor::zeros([1], (Kind::Float, Device::Cpu)))],
+        );
         assert!(find_weights(dir.path(), "model", Some("fp16")).is_err());
         assert_eq!(find_weights(dir.path(), "model", None).unwrap().len(), 1);
     }

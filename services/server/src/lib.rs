@@ -1,0 +1,153 @@
+//! What every binary of the system does the same way: bind a listener and say where, serve
+//! gRPC health and reflection next to its own service, stop gracefully on SIGTERM/SIGINT, and
+//! log as text or JSON.
+//!
+//! Services are libraries whose `run` takes an already-bound [`tokio::net::TcpListener`] and a
+//! shutdown future, so tests (and `sd generate --local`) can run them on `127.0.0.1:0`.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+use tokio::net::TcpListener;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+pub use tonic_health;
+
+/// Logging flags shared by every binary.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log line format: `text` for people, `json` for log pipelines. Levels are set with
+    /// RUST_LOG (default `info`).
+    #[arg(long, env = "SD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// Installs the global tracing subscriber (stderr). Safe to call more than once: later calls
+/// are ignored, which is what `sd generate --local` needs when it hosts several services.
+pub fn init_logging(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = if args.log_format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Binds `addr` and prints `listening on ADDR` on stdout, the line tests and scripts read to
+/// learn an ephemeral port.
+pub async fn bind(addr: SocketAddr, service: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("{service}: cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    println!("listening on {local}");
+    tracing::info!(%local, "{service} listening");
+    Ok(listener)
+}
+
+/// Resolves when the process receives SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received: draining in-flight requests");
+}
+
+/// gRPC health of one service, NOT_SERVING until [`Health::set_serving`] is called: Kubernetes
+/// probes `grpc.health.v1` natively and must not route traffic to a stage still loading
+/// weights. Both the named service and the server-wide `""` entry are kept in step.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    service: &'static str,
+}
+
+impl Health {
+    /// Creates the health service, with `service` and `""` reporting NOT_SERVING.
+    pub async fn new(
+        service: &'static str,
+    ) -> (
+        Self,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ) {
+        let (reporter, server) = tonic_health::server::health_reporter();
+        let health = Self { reporter, service };
+        health.set(ServingStatus::NotServing).await;
+        (health, server)
+    }
+
+    async fn set(&self, status: ServingStatus) {
+        self.reporter.set_service_status(self.service, status).await;
+        self.reporter.set_service_status("", status).await;
+    }
+
+    /// Marks the service ready.
+    pub async fn set_serving(&self) {
+        self.set(ServingStatus::Serving).await;
+    }
+
+    /// Marks the service not ready (warming up, or draining before shutdown).
+    pub async fn set_not_serving(&self) {
+        self.set(ServingStatus::NotServing).await;
+    }
+}
+
+/// The reflection service, listing only `services` (all of the system's message types stay
+/// resolvable through their files).
+pub fn reflection(
+    services: &[&str],
+) -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sd_proto::FILE_DESCRIPTOR_SET);
+    for s in services {
+        builder = builder.with_service_name(*s);
+    }
+    Ok(builder.build_v1()?)
+}
+
+/// A tonic server builder with the settings every service shares.
+pub fn builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves; marks `health` NOT_SERVING first
+/// so load balancers stop sending new work, then lets in-flight calls finish.
+pub async fn serve(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    health: Health,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let drain = async move {
+        shutdown.await;
+        health.set_not_serving().await;
+    };
+    router.serve_with_incoming_shutdown(incoming, drain).await?;
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! The text-encoder stage: CLIP tokenizer + CLIP text transformer behind
+//! `sd.stage.v1.TextEncoderService`. Prompts in, last hidden states out.
+
+use sd_models::{
+    ModelError,
+    clip::ClipTextModel,
+    tokenizer::{ClipTokenizer, TokenizedPrompt},
+};
+use sd_proto::{
+    service_names,
+    stage::{
+        EncodeRequest, EncodeResponse, ModelInfo, TextEncoderServiceInfoRequest,
+        TextEncoderServiceInfoResponse,
+        text_encoder_service_server::{TextEncoderService, TextEncoderServiceServer},
+    },
+};
+use sd_runtime::{StageArgs, stage::serve_stage, status, wire, worker::Worker};
+use sd_server::Health;
+use std::{
+    future::Future,
+    sync::{Arc, OnceLock},
+};
+use tch::{Device, Tensor};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+const STAGE: &str = "text-encoder";
+/// Most prompts one Encode call may carry.
+pub const MAX_PROMPTS: usize = 64;
+/// Longest prompt accepted, in bytes (the public API's limit is lower).
+pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
+
+/// Command line of `sd-text-encoder`.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "sd-text-encoder",
+    version,
+    about = "CLIP text-encoder stage (gRPC)"
+)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "SD_LISTEN", default_value = "0.0.0.0:50061")]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub stage: StageArgs,
+    #[command(flatten)]
+    pub log: sd_server::LogArgs,
+}
+
+struct Model {
+    tokenizer: ClipTokenizer,
+    clip: ClipTextModel,
+    device: Device,
+}
+
+impl Model {
+    fn load(args: &StageArgs) -> Result<Self, ModelError> {
+        let tokenizer = ClipTokenizer::from_dir(&args.model.join("tokenizer"))?;
+        let clip = ClipTextModel::load(
+            &args.model.join("text_encoder"),
+            args.device.0,
+            args.dtype.0,
+        )?;
+        let model = Self {
+            tokenizer,
+            clip,
+            device: args.device.0,
+        };
+        let _warm_up = model.encode(&[String::new()])?;
+        Ok(model)
+    }
+
+    fn encode(&self, prompts: &[String]) -> Result<(Tensor, Vec<u32>), ModelError> {
+        let mut ids = Vec::with_capacity(prompts.len() * self.tokenizer.max_length());
+        let mut truncated = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let TokenizedPrompt {
+                ids: row,
+                truncated: dropped,
+            } = self.tokenizer.encode(prompt)?;
+            ids.extend(row);
+            truncated.push(dropped as u32);
+        }
+        let input = Tensor::from_slice(&ids)
+            .view([prompts.len() as i64, -1])
+            .to_device(self.device);
+        let hidden = self.clip.forward(&input)?;
+        Ok((hidden, truncated))
+    }
+}
+
+/// The gRPC service.
+pub struct TextEncoder {
+    worker: Worker<Model>,
+    info: Arc<OnceLock<TextEncoderServiceInfoResponse>>,
+}
+
+#[tonic::async_trait]
+impl TextEncoderService for TextEncoder {
+    async fn info(
+        &self,
+        _: Request<TextEncoderServiceInfoRequest>,
+    ) -> Result<Response<TextEncoderServiceInfoResponse>, Status> {
+        let info = self.info.get().ok_or_else(|| status::warming_up(STAGE))?;
+        Ok(Response::new(info.clone()))
+    }
+
+    #[tracing::instrument(skip_all, fields(prompts = request.get_ref().prompts.len()))]
+    async fn encode(
+        &self,
+        request: Request<EncodeRequest>,
+    ) -> Result<Response<EncodeResponse>, Status> {
+        if self.info.get().is_none() {
+            return Err(status::warming_up(STAGE));
+        }
+        let EncodeRequest { prompts } = request.into_inner();
+        validate_prompts(&prompts)?;
+        let (hidden, truncated) = self
+            .worker
+            .run(move |m| m.encode(&prompts))
+            .await
+            .map_err(status::worker)?
+            .map_err(|e| status::model(STAGE, e))?;
+        let hidden_states = wire::from_tch(&hidden).map_err(|e| status::model(STAGE, e.into()))?;
+        Ok(Response::new(EncodeResponse {
+            hidden_states: Some(hidden_states),
+            truncated_tokens: truncated,
+        }))
+    }
+}
+
+fn validate_prompts(prompts: &[String]) -> Result<(), Status> {
+    if prompts.is_empty() {
+        return Err(Status::invalid_argument(
+            "prompts: at least one prompt is required",
+        ));
+    }
+    if prompts.len() > MAX_PROMPTS {
+        return Err(Status::invalid_argument(format!(
+            "prompts: {} prompts, at most {MAX_PROMPTS} per call",
+            prompts.len()
+        )));
+    }
+    if let Some((i, p)) = prompts
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.len() > MAX_PROMPT_BYTES)
+    {
+        return Err(Status::invalid_argument(format!(
+            "prompts[{i}]: {} bytes, at most {MAX_PROMPT_BYTES}",
+            p.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs the stage on `listener` until `shutdown` resolves. Fails at start-up when the model
+/// folder cannot be loaded (the error names the file).
+pub async fn run(
+    args: StageArgs,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    args.validate().map_err(anyhow::Error::msg)?;
+    let (health, health_service) = Health::new(service_names::TEXT_ENCODER).await;
+    let info = Arc::new(OnceLock::new());
+    let ready = info.clone();
+    let load_args = args.clone();
+    let (worker, loaded) = Worker::spawn(STAGE, args.max_queue, move || {
+        let model = Model::load(&load_args)?;
+        let config = model.clip.config();
+        let _ = ready.set(TextEncoderServiceInfoResponse {
+            model: Some(model_info(&load_args)),
+            hidden_size: config.hidden_size as u32,
+            max_length: model.tokenizer.max_length() as u32,
+            vocab_size: config.vocab_size as u32,
+        });
+        Ok(model)
+    });
+    let service = TextEncoderServiceServer::new(TextEncoder { worker, info })
+        .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
+    let router = sd_server::builder()
+        .add_service(health_service)
+        .add_service(sd_server::reflection(&[service_names::TEXT_ENCODER])?)
+        .add_service(service);
+    serve_stage(STAGE, router, listener, health, shutdown, loaded).await
+}
+
+fn model_info(args: &StageArgs) -> ModelInfo {
+    args.model_info("text_encoder")
+}

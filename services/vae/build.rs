@@ -1,0 +1,1 @@
+fn main() { sd_torch_link::emit() }
