@@ -451,7 +451,9 @@ impl ClipTextModel {
     }
 }
 
+// Tests unwrap: a failure should stop the test where it happens, with its message.
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -278,7 +278,9 @@ fn read_special_tokens(dir: &Path) -> Result<SpecialTokens, ModelError> {
     })
 }
 
+// Tests unwrap: a failure should stop the test where it happens, with its message.
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
