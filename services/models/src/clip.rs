@@ -608,6 +608,29 @@ mod tests {
     }
 
     #[test]
+    fn reduced_precision_load_casts_every_layer() {
+        // The layers hold shallow handles to the store's variables; casting the store after
+        // loading must reach them, or the first forward fails with a dtype mismatch (the f16
+        // CUDA path). bf16 is the reduced precision the CPU supports for every op used here.
+        let dir = tempfile::tempdir().unwrap();
+        let full = random_model(dir.path(), &config("quick_gelu"), &[]);
+        let half = ClipTextModel::load(dir.path(), Device::Cpu, Kind::BFloat16).unwrap();
+        let ids = Tensor::from_slice(&[48i64, 5, 9, 49, 1, 1]).reshape([1, 6]);
+        let reduced = half.forward(&ids).unwrap();
+        assert_eq!(reduced.kind(), Kind::BFloat16);
+        // bf16 keeps ~3 significant digits; layer-normed values are O(1).
+        let diff = (reduced.to_kind(Kind::Float) - full.forward(&ids).unwrap())
+            .abs()
+            .max();
+        assert!(
+            diff.double_value(&[]) < 0.15,
+            "bf16 output differs by {diff}"
+        );
+        let err = ClipTextModel::load(dir.path(), Device::Cpu, Kind::Int64).unwrap_err();
+        assert!(err.to_string().contains("floating point"), "{err}");
+    }
+
+    #[test]
     fn strict_loading_reports_wrong_checkpoints() {
         let dir = tempfile::tempdir().unwrap();
         random_model(dir.path(), &config("gelu"), &[]);
