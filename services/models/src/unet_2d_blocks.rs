@@ -204,8 +204,8 @@ impl UpBlock2D {
 /// single-head spatial self-attention.
 #[derive(Debug)]
 enum MidAttention {
-    Cross(Transformer2DModel),
-    Spatial(SpatialSelfAttention),
+    Cross(Box<Transformer2DModel>),
+    Spatial(Box<SpatialSelfAttention>),
 }
 
 /// `UNetMidBlock2DCrossAttn` (U-Net) and `UNetMidBlock2D` (VAE): resnet, then
@@ -236,7 +236,7 @@ impl MidBlock2D {
             ],
             attentions: c
                 .transformer(&p / "attentions" / 0, channels)
-                .map(MidAttention::Cross)
+                .map(|t| MidAttention::Cross(Box::new(t)))
                 .into_iter()
                 .collect(),
         }
@@ -246,12 +246,8 @@ impl MidBlock2D {
     pub fn new_vae(p: nn::Path, channels: usize, add_attention: bool, c: &BlockConfig) -> Self {
         let rc = c.resnet(channels, channels);
         let attentions = if add_attention {
-            vec![MidAttention::Spatial(SpatialSelfAttention::new(
-                &p / "attentions" / 0,
-                channels,
-                c.groups,
-                c.eps,
-            ))]
+            let attn = SpatialSelfAttention::new(&p / "attentions" / 0, channels, c.groups, c.eps);
+            vec![MidAttention::Spatial(Box::new(attn))]
         } else {
             Vec::new()
         };
