@@ -263,3 +263,52 @@ fn unsupported_config_values_are_named() {
         "{err}"
     );
 }
+
+/// An `fp16` variant checkpoint (how SD weights are usually published) loads by name and is
+/// converted to the requested kind. Tolerance: rounding every weight to f16 moves each by up
+/// to 2^-11 relative, which through this tiny net moves the output by about 1e-3 of its
+/// scale; 2e-2 catches a wrong conversion (garbage weights move it by order 1).
+#[test]
+fn fp16_variant_loads_and_is_converted() {
+    let dir = edited(
+        "sd1",
+        |_| {},
+        |t| {
+            for (_, v) in t.iter_mut() {
+                *v = v.to_kind(Kind::Half);
+            }
+        },
+    );
+    let plain = dir.path().join("diffusion_pytorch_model.safetensors");
+    std::fs::rename(
+        &plain,
+        dir.path().join("diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .expect("rename");
+    let unet =
+        UNet2DConditionModel::load_variant(dir.path(), Device::Cpu, Kind::Float, Some("fp16"))
+            .expect("load fp16 variant");
+    let io: HashMap<String, Tensor> =
+        Tensor::read_safetensors(reference().join("sd1").join("io.safetensors"))
+            .expect("io")
+            .into_iter()
+            .collect();
+    let out = unet
+        .forward(
+            &io["sample"],
+            &io["timesteps"],
+            &io["encoder_hidden_states"],
+        )
+        .expect("forward");
+    assert_eq!(out.kind(), Kind::Float);
+    let want = &io["out"];
+    let diff = (&out - want).abs().max().double_value(&[]);
+    let scale = want.abs().max().double_value(&[]);
+    println!("sd1 from fp16 weights: max abs diff {diff:.3e} (reference max |x| {scale:.3e})");
+    assert!(
+        diff <= 2e-2 * scale,
+        "fp16 variant: max abs diff {diff} > 2e-2 * {scale}"
+    );
+    // Plain `load` falls back to the fp16 file when it is the only one.
+    assert!(UNet2DConditionModel::load(dir.path(), Device::Cpu, Kind::Float).is_ok());
+}

@@ -206,7 +206,9 @@ pub(super) struct Plan {
 impl UNet2DConditionConfig {
     /// Number of attention heads per down block. diffusers' quirk, kept for compatibility:
     /// `num_attention_heads = num_attention_heads or attention_head_dim`, so SD configs'
-    /// `attention_head_dim` (8, or [5, 10, 20, 20]) is in fact the head count.
+    /// `attention_head_dim` (8, or [5, 10, 20, 20]) is in fact the head count. diffusers 0.42
+    /// refuses a non-null `num_attention_heads` in this model's constructor; here it is taken
+    /// as the head count it names, which is what that field is meant to become.
     pub fn heads(&self) -> Result<Vec<usize>, String> {
         let n = self.block_out_channels.len();
         match &self.num_attention_heads {
@@ -363,5 +365,62 @@ fn only_false(v: &serde_json::Value) -> bool {
         serde_json::Value::Bool(b) => !b,
         serde_json::Value::Array(a) => a.iter().all(|x| x == &serde_json::Value::Bool(false)),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> UNet2DConditionConfig {
+        serde_json::from_str(json).expect("config parses")
+    }
+
+    #[test]
+    fn empty_config_is_diffusers_default_sd15_unet() {
+        let c = parse("{}");
+        c.validate().expect("defaults are valid");
+        assert_eq!(c.block_out_channels, vec![320, 640, 1280, 1280]);
+        assert_eq!(c.heads().expect("heads"), vec![8; 4]);
+        assert_eq!(c.downsample_factor(), 8);
+        assert_eq!(c.cross_attention_dim, 1280);
+    }
+
+    #[test]
+    fn head_count_quirk_and_explicit_heads() {
+        let c = parse(r#"{"attention_head_dim": [5, 10, 20, 20], "num_attention_heads": null}"#);
+        assert_eq!(c.heads().expect("heads"), vec![5, 10, 20, 20]);
+        let c = parse(r#"{"attention_head_dim": 64, "num_attention_heads": [5, 10, 20, 20]}"#);
+        assert_eq!(c.heads().expect("heads"), vec![5, 10, 20, 20]);
+        let c = parse(r#"{"attention_head_dim": [5, 10]}"#);
+        assert!(
+            c.validate()
+                .expect_err("wrong length")
+                .contains("attention_head_dim")
+        );
+    }
+
+    #[test]
+    fn unsupported_switches_are_named() {
+        for (json, field) in [
+            (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
+            (
+                r#"{"only_cross_attention": [false, true, false, false]}"#,
+                "only_cross_attention",
+            ),
+            (
+                r#"{"resnet_time_scale_shift": "scale_shift"}"#,
+                "resnet_time_scale_shift",
+            ),
+            (
+                r#"{"up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}"#,
+                "AttnUpBlock2D",
+            ),
+            (r#"{"norm_num_groups": 48}"#, "norm_num_groups"),
+        ] {
+            let err = parse(json).validate().expect_err(field);
+            assert!(err.contains(field), "{err} should name {field}");
+        }
+        assert!(parse(r#"{"mid_block_type": null}"#).validate().is_ok());
     }
 }
