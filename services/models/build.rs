@@ -1,1 +1,3 @@
-fn main() { sd_torch_link::emit() }
+fn main() {
+    sd_torch_link::emit()
+}

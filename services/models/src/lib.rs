@@ -4,14 +4,14 @@
 //! by side, and every module's variable paths equal the checkpoint's tensor names, so loading
 //! is a plain name lookup ([`weights`]).
 
-pub mod clip;
 pub mod attention;
 pub mod autoencoder_kl;
+pub mod clip;
 pub mod device;
 pub mod embeddings;
 pub mod error;
-pub mod tokenizer;
 pub mod resnet;
+pub mod tokenizer;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 pub mod vae;

@@ -1,0 +1,380 @@
+//! Bad input gets a clear error naming what was wrong, never a panic or a hang: invalid
+//! requests, malformed tensors sent straight to a stage, a stage that is down, and model
+//! folders with missing or malformed files.
+
+#![allow(clippy::unwrap_used)]
+
+use sd_e2e::{Cluster, Service, bin, tiny_model};
+use sd_proto::{
+    stage::{
+        DataType, DecodeRequest, DenoiseRequest, Tensor,
+        denoiser_service_client::DenoiserServiceClient, vae_service_client::VaeServiceClient,
+    },
+    v1::GenerateRequest,
+};
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+use tonic::Code;
+
+fn ok_request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a square".into(),
+        width: Some(64),
+        height: Some(64),
+        steps: Some(2),
+        seed: Some(1),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_requests_name_the_field() {
+    let cluster = Cluster::start(&tiny_model("sd1")).await;
+    let mut client = cluster.client().await;
+    let cases: Vec<(&str, GenerateRequest)> = vec![
+        (
+            "width",
+            GenerateRequest {
+                width: Some(63),
+                ..ok_request()
+            },
+        ),
+        (
+            "width",
+            GenerateRequest {
+                width: Some(0),
+                ..ok_request()
+            },
+        ),
+        (
+            "height",
+            GenerateRequest {
+                height: Some(1 << 20),
+                ..ok_request()
+            },
+        ),
+        (
+            "steps",
+            GenerateRequest {
+                steps: Some(0),
+                ..ok_request()
+            },
+        ),
+        (
+            "steps",
+            GenerateRequest {
+                steps: Some(100_000),
+                ..ok_request()
+            },
+        ),
+        (
+            "guidance_scale",
+            GenerateRequest {
+                guidance_scale: Some(f32::NAN),
+                ..ok_request()
+            },
+        ),
+        (
+            "guidance_scale",
+            GenerateRequest {
+                guidance_scale: Some(-2.0),
+                ..ok_request()
+            },
+        ),
+        (
+            "guidance_scale",
+            GenerateRequest {
+                guidance_scale: Some(f32::INFINITY),
+                ..ok_request()
+            },
+        ),
+        (
+            "num_images",
+            GenerateRequest {
+                num_images: Some(0),
+                ..ok_request()
+            },
+        ),
+        (
+            "num_images",
+            GenerateRequest {
+                num_images: Some(1000),
+                ..ok_request()
+            },
+        ),
+        (
+            "scheduler",
+            GenerateRequest {
+                scheduler: "no-such-sampler".into(),
+                ..ok_request()
+            },
+        ),
+        (
+            "prompt",
+            GenerateRequest {
+                prompt: "word ".repeat(10_000),
+                ..ok_request()
+            },
+        ),
+    ];
+    for (field, req) in cases {
+        let err = client.generate(req).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    // The scheduler error lists the valid names.
+    let err = client
+        .generate(GenerateRequest {
+            scheduler: "x".into(),
+            ..ok_request()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("ddim"), "{}", err.message());
+    // And the service still works.
+    assert_eq!(
+        client
+            .generate(ok_request())
+            .await
+            .unwrap()
+            .into_inner()
+            .images
+            .len(),
+        1
+    );
+}
+
+fn tensor(dtype: DataType, shape: &[i64], bytes: usize) -> Tensor {
+    Tensor {
+        dtype: dtype as i32,
+        shape: shape.to_vec(),
+        data: vec![0u8; bytes].into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_tensors_are_invalid_argument_and_the_stage_survives() {
+    let cluster = Cluster::start(&tiny_model("sd1")).await;
+    let mut denoiser = DenoiserServiceClient::connect(cluster.denoiser.url())
+        .await
+        .unwrap();
+    let good = || DenoiseRequest {
+        sample: Some(tensor(DataType::Float32, &[1, 4, 8, 8], 4 * 64 * 4)),
+        timesteps: Some(Tensor::from_f32(&[1], &[999.0])),
+        encoder_hidden_states: Some(tensor(DataType::Float32, &[2, 77, 32], 2 * 77 * 32 * 4)),
+        guidance_scale: vec![7.5],
+    };
+    let cases: Vec<(&str, DenoiseRequest)> = vec![
+        (
+            "sample",
+            DenoiseRequest {
+                sample: Some(tensor(DataType::Float32, &[1, 4, 8, 8], 17)),
+                ..good()
+            },
+        ),
+        (
+            "sample",
+            DenoiseRequest {
+                sample: Some(tensor(DataType::Float32, &[1, 3, 8, 8], 3 * 64 * 4)),
+                ..good()
+            },
+        ),
+        (
+            "sample",
+            DenoiseRequest {
+                sample: Some(tensor(DataType::Unspecified, &[1, 4, 8, 8], 0)),
+                ..good()
+            },
+        ),
+        (
+            "sample",
+            DenoiseRequest {
+                sample: Some(tensor(DataType::Float32, &[-1, 4, 8, 8], 0)),
+                ..good()
+            },
+        ),
+        (
+            "sample",
+            DenoiseRequest {
+                sample: None,
+                ..good()
+            },
+        ),
+        (
+            "timesteps",
+            DenoiseRequest {
+                timesteps: Some(Tensor::from_f32(&[2], &[1.0, 2.0])),
+                ..good()
+            },
+        ),
+        (
+            "timesteps",
+            DenoiseRequest {
+                timesteps: Some(Tensor::from_f32(&[1], &[f32::NAN])),
+                ..good()
+            },
+        ),
+        (
+            "guidance_scale",
+            DenoiseRequest {
+                guidance_scale: vec![1.0, 2.0],
+                ..good()
+            },
+        ),
+        (
+            "encoder_hidden_states",
+            DenoiseRequest {
+                encoder_hidden_states: Some(tensor(DataType::Float32, &[1, 77, 32], 77 * 32 * 4)),
+                ..good()
+            },
+        ),
+        (
+            "encoder_hidden_states",
+            DenoiseRequest {
+                encoder_hidden_states: Some(tensor(
+                    DataType::Float32,
+                    &[2, 77, 31],
+                    2 * 77 * 31 * 4,
+                )),
+                ..good()
+            },
+        ),
+    ];
+    for (field, req) in cases {
+        let err = denoiser.denoise(req).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let out = denoiser
+        .denoise(good())
+        .await
+        .unwrap()
+        .into_inner()
+        .model_output
+        .unwrap();
+    assert_eq!(out.shape, vec![1, 4, 8, 8]);
+
+    let mut vae = VaeServiceClient::connect(cluster.vae.url()).await.unwrap();
+    let err = vae
+        .decode(DecodeRequest {
+            latents: Some(tensor(DataType::Float32, &[1, 4, 8, 8], 5)),
+            encoding: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("latents"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_that_is_down_is_unavailable_and_named_quickly() {
+    let model = tiny_model("sd1");
+    let model = model.to_str().unwrap();
+    let stage = |b: &str| Service::start(b, &["--listen", "127.0.0.1:0", "--model", model]);
+    let (mut dn, mut vae) = (stage("sd-denoiser"), stage("sd-vae"));
+    dn.wait_serving(Duration::from_secs(120)).await;
+    vae.wait_serving(Duration::from_secs(120)).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let orch = Service::start(
+        "sd-orchestrator",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--text-encoder",
+            &format!("http://{dead}"),
+            "--denoiser",
+            &dn.url(),
+            "--vae",
+            &vae.url(),
+        ],
+    );
+    let mut client = sd_e2e::client(&orch.url()).await;
+    let started = Instant::now();
+    let err = client.generate(ok_request()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(err.message().contains("text-encoder"), "{}", err.message());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Runs a stage binary on `model` and returns its stderr; it must exit with failure quickly.
+fn failing_start(binary: &str, model: &Path) -> String {
+    let out = Command::new(bin(binary))
+        .args(["--listen", "127.0.0.1:0", "--model"])
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{binary} started on a broken model folder"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn broken_model_folders_fail_at_start_up_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_dir(&tiny_model("sd1"), &model);
+
+    std::fs::remove_file(model.join("unet/config.json")).unwrap();
+    let err = failing_start("sd-denoiser", &model);
+    assert!(err.contains("unet/config.json"), "{err}");
+
+    std::fs::write(model.join("vae/config.json"), "{ not json").unwrap();
+    let err = failing_start("sd-vae", &model);
+    assert!(err.contains("vae/config.json"), "{err}");
+
+    for f in std::fs::read_dir(model.join("text_encoder")).unwrap() {
+        let p = f.unwrap().path();
+        if p.extension().is_some_and(|e| e == "safetensors") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let err = failing_start("sd-text-encoder", &model);
+    assert!(err.contains("text_encoder/model.safetensors"), "{err}");
+
+    std::fs::remove_dir_all(model.join("tokenizer")).unwrap();
+    let err = failing_start("sd-text-encoder", &model);
+    assert!(err.contains("tokenizer"), "{err}");
+}

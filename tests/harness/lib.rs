@@ -1,0 +1,259 @@
+//! Harness for the end-to-end tests: builds the Python-made tiny model folder once, starts the
+//! real binaries (`target/<profile>/sd-*`) as child processes on `127.0.0.1:0`, learns their
+//! ports from the `listening on ADDR` line each prints, and kills them when dropped.
+//!
+//! The binaries must be built first (`make test` runs `cargo build --workspace --bins`).
+
+#![allow(clippy::unwrap_used)]
+
+use sd_proto::v1::image_generation_service_client::ImageGenerationServiceClient;
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, OnceLock, mpsc},
+    time::{Duration, Instant},
+};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The project's Python (the venv `make setup` creates).
+pub fn python() -> PathBuf {
+    let p = workspace_root().join(".venv/bin/python");
+    assert!(p.exists(), "{} missing: run `make setup`", p.display());
+    p
+}
+
+/// Path of a workspace binary next to this test binary (`target/<profile>/NAME`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} missing: build the binaries first (`cargo build --workspace --bins`, done by `make test`)",
+        path.display()
+    );
+    path
+}
+
+/// A tiny Stable Diffusion folder (random weights, real diffusers layout, real CLIP
+/// vocabulary) built by `tests/python/make_tiny_model.py`, cached under `target/`.
+pub fn tiny_model(flavor: &str) -> PathBuf {
+    static LOCK: OnceLock<Mutex<()>> = OnceLock::new();
+    let _guard = LOCK
+        .get_or_init(|| Mutex::new(()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let root = workspace_root();
+    let dir = root.join(format!("target/e2e-fixtures/tiny-{flavor}"));
+    if dir.join("model_index.json").exists() {
+        return dir;
+    }
+    let tmp = root.join(format!(
+        "target/e2e-fixtures/tiny-{flavor}.tmp-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let status = Command::new(python())
+        .arg(root.join("tests/python/make_tiny_model.py"))
+        .arg(&tmp)
+        .args(["--flavor", flavor, "--vocab-cache"])
+        .arg(root.join(".cache/clip-vocab"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "make_tiny_model.py failed");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).unwrap();
+    dir
+}
+
+/// A running binary, killed on drop. Its stderr is kept for failure messages.
+pub struct Service {
+    pub name: String,
+    pub addr: String,
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Service {
+    /// Starts `binary` with `args` and waits for its `listening on` line.
+    pub fn start(binary: &str, args: &[&str]) -> Service {
+        let mut child = Command::new(bin(binary))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let err_pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let out_pipe = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "{binary} did not report its address:\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+        };
+        Service {
+            name: binary.into(),
+            addr,
+            child,
+            stderr,
+        }
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until gRPC health reports SERVING, or panics with the process's stderr.
+    pub async fn wait_serving(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited with {status}:\n{}", self.name, self.stderr());
+            }
+            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
+                let reply = HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await;
+                if reply.is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not SERVING after {timeout:?}:\n{}",
+                self.name,
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- {} stderr ---\n{}", self.name, self.stderr());
+        }
+    }
+}
+
+/// The four services of one model, each its own process.
+pub struct Cluster {
+    pub text_encoder: Service,
+    pub denoiser: Service,
+    pub vae: Service,
+    pub orchestrator: Service,
+}
+
+impl Cluster {
+    /// Starts the three stages on `model` and an orchestrator over them; waits until all serve.
+    pub async fn start(model: &Path) -> Cluster {
+        let model = model.to_str().unwrap();
+        let stage = |binary: &str| {
+            Service::start(
+                binary,
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--model",
+                    model,
+                    "--device",
+                    "cpu",
+                ],
+            )
+        };
+        let (mut te, mut dn, mut vae) = (
+            stage("sd-text-encoder"),
+            stage("sd-denoiser"),
+            stage("sd-vae"),
+        );
+        let mut orch = Service::start(
+            "sd-orchestrator",
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--text-encoder",
+                &te.url(),
+                "--denoiser",
+                &dn.url(),
+                "--vae",
+                &vae.url(),
+                "--default-steps",
+                "10",
+            ],
+        );
+        for s in [&mut te, &mut dn, &mut vae, &mut orch] {
+            s.wait_serving(Duration::from_secs(120)).await;
+        }
+        Cluster {
+            text_encoder: te,
+            denoiser: dn,
+            vae,
+            orchestrator: orch,
+        }
+    }
+
+    /// A public API client of the orchestrator.
+    pub async fn client(&self) -> ImageGenerationServiceClient<Channel> {
+        client(&self.orchestrator.url()).await
+    }
+}
+
+/// A public API client for `url`.
+pub async fn client(url: &str) -> ImageGenerationServiceClient<Channel> {
+    let channel = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    ImageGenerationServiceClient::new(channel)
+        .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
+}
+
+/// Decodes a PNG and returns (width, height).
+pub fn png_size(bytes: &[u8]) -> (u32, u32) {
+    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png).unwrap();
+    (img.width(), img.height())
+}
