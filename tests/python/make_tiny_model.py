@@ -6,11 +6,15 @@ seconds on a CPU and has the same structure as SD 1.x / 2.x: the real CLIP vocab
 clip_vocab.py), a 2-layer CLIP text encoder, a 2-level U-Net with cross-attention, and a VAE
 with four resolution levels so latents are 8x smaller than images, as in real SD.
 
-Usage: make_tiny_model.py OUT_DIR [--flavor sd1|sd2] [--seed N] [--vocab-cache DIR]
+Usage: make_tiny_model.py OUT_DIR [--flavor sd1|sd2|asym] [--seed N] [--vocab-cache DIR]
 
 sd1: quick_gelu CLIP, pad token `<|endoftext|>`, epsilon prediction, conv projections in the
      U-Net's transformers, one attention head size (8).
 sd2: gelu CLIP, pad token `!`, v-prediction, linear projections, per-block head dims [4, 8].
+asym: shapes nothing may take for granted: gelu CLIP of width 48 (so cross_attention_dim 48),
+     a 3-level U-Net (32, 48, 64) with two resnets per block, attention in the first two down
+     and last two up blocks, per-block head counts and transformer depths, 16 norm groups; a
+     VAE with three levels (latents 4x smaller than images, not 8x) and 16 norm groups.
 
 Deterministic from --seed: torch.manual_seed(seed + k) before building the k-th component, so
 one component's size change does not reshuffle the others' weights.
@@ -34,6 +38,7 @@ from clip_vocab import ensure_vocab  # noqa: E402
 
 DEFAULT_VOCAB_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "clip-vocab"
 HIDDEN = 32  # CLIP hidden size == U-Net cross_attention_dim
+ASYM_HIDDEN = 48  # the same, for the asym flavor
 
 
 def build_tokenizer(vocab_dir: Path, flavor: str) -> CLIPTokenizer:
@@ -47,6 +52,8 @@ def build_tokenizer(vocab_dir: Path, flavor: str) -> CLIPTokenizer:
 
 
 def build_text_encoder(flavor: str) -> CLIPTextModel:
+    if flavor == "asym":
+        return build_asym_text_encoder()
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=HIDDEN,
@@ -64,7 +71,27 @@ def build_text_encoder(flavor: str) -> CLIPTextModel:
     return CLIPTextModel(config).eval()
 
 
+def build_asym_text_encoder() -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=ASYM_HIDDEN,
+        intermediate_size=72,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        projection_dim=ASYM_HIDDEN,
+    )
+    return CLIPTextModel(config).eval()
+
+
 def build_unet(flavor: str) -> UNet2DConditionModel:
+    if flavor == "asym":
+        return build_asym_unet()
     sd2 = flavor == "sd2"
     return UNet2DConditionModel(
         sample_size=8,
@@ -78,6 +105,39 @@ def build_unet(flavor: str) -> UNet2DConditionModel:
         attention_head_dim=[4, 8] if sd2 else 8,
         use_linear_projection=sd2,
         norm_num_groups=32,
+    ).eval()
+
+
+def build_asym_unet() -> UNet2DConditionModel:
+    # Up block i mirrors down block 2 - i, so the per-block lists are read reversed on the way
+    # up; the mid block takes the last entry of each.
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 48, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=ASYM_HIDDEN,
+        transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=[2, 6, 4],  # head counts (diffusers' naming quirk): widths 16, 8, 16
+        use_linear_projection=False,
+        norm_num_groups=16,
+    ).eval()
+
+
+def build_asym_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 48),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
     ).eval()
 
 
@@ -117,7 +177,7 @@ def build(out_dir: Path, flavor: str, seed: int, vocab_cache: Path) -> None:
     torch.manual_seed(seed + 1)
     unet = build_unet(flavor)
     torch.manual_seed(seed + 2)
-    vae = build_vae()
+    vae = build_asym_vae() if flavor == "asym" else build_vae()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -155,7 +215,7 @@ def write_legacy_tokenizer_files(tok_dir: Path, vocab_dir: Path, tokenizer: CLIP
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--flavor", choices=("sd1", "sd2"), default="sd1")
+    parser.add_argument("--flavor", choices=("sd1", "sd2", "asym"), default="sd1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-cache", type=Path, default=DEFAULT_VOCAB_CACHE)
     args = parser.parse_args()
