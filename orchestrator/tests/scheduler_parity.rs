@@ -2,7 +2,8 @@
 //! each configuration's full sampling loop in diffusers with a deterministic fake U-Net, and this
 //! test runs the same loop through `sd_orchestrator::schedulers`.
 //!
-//! Compared: timesteps exactly; ᾱ (alphas_cumprod) within 1e-6 relative (we compute the table
+//! Compared: timesteps exactly (fractional Karras timesteps within `TIMESTEP_TOL`); σ schedules
+//! within `SIGMAS_TOL` relative; `add_noise` at the middle step within `ADD_NOISE_TOL`; ᾱ (alphas_cumprod) within 1e-6 relative (we compute the table
 //! in f64, diffusers in float32; see the constants for where that is loosened); the scaled model
 //! input of every step and the final latents within `FINAL_TOL` of the largest latent magnitude
 //! of the loop (the initial σ_max-scaled noise or the result). The latents' arithmetic is f32 in
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 use sd_orchestrator::rng::TorchGenerator;
-use sd_orchestrator::schedulers::{self, Scheduler, SchedulerConfig, ddim::DdimScheduler};
+use sd_orchestrator::schedulers::{self, Scheduler, SchedulerConfig, SchedulerOverrides};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -26,6 +27,16 @@ const FINAL_TOL: f64 = 2e-5;
 /// `init_noise_sigma` tolerance: σ_max = √((1−ᾱ_T)/ᾱ_T) inherits the f32-vs-f64 difference
 /// of ᾱ_T (measured: a few f32 ulps).
 const SIGMA_TOL: f64 = 1e-5;
+/// Fractional (Karras) timesteps, relative to the largest timestep.
+const TIMESTEP_TOL: f64 = 1e-6;
+/// σ schedule (`scheduler.sigmas`), relative. σ = √((1−ᾱ)/ᾱ) amplifies our ᾱ's f64-vs-float32
+/// difference where ᾱ is near 1 (σ_min: 1 − ᾱ_0 cancels; measured 2.2e-6 on SD's betas) or near
+/// 0 (the cosine schedule's tail, ᾱ ≈ 2e-9: measured 1.6e-5; zero-SNR: 3.1e-6). 1e-6 would need
+/// a bit-exact port of torch's vectorised float32 `linspace`.
+const SIGMAS_TOL: f64 = 2e-5;
+/// `add_noise` output, relative to its largest magnitude (f32 arithmetic on ᾱ or σ that carry
+/// the f64-vs-float32 table difference; measured worst 5.1e-7).
+const ADD_NOISE_TOL: f64 = 1e-6;
 /// ᾱ tolerance: f64 vs torch float32 linspace/cumprod rounding.
 const ALPHA_TOL: f64 = 1e-6;
 /// ᾱ tolerance with `rescale_betas_zero_snr`: diffusers computes √ᾱ − √ᾱ_T and the ratios
@@ -47,15 +58,19 @@ struct Case {
     scheduler: String,
     config: Value,
     steps: usize,
-    options: Value,
+    overrides: serde_json::Map<String, Value>,
     seed: u64,
     numel: usize,
     timesteps: Vec<f32>,
+    sigmas: Option<Vec<f32>>,
     init_noise_sigma: f32,
     alphas_cumprod: Vec<f64>,
     first_inputs: Vec<f32>,
     #[serde(rename = "final")]
     final_bits: Vec<u32>,
+    add_noise_seed: u64,
+    add_noise_step: usize,
+    add_noise: Vec<u32>,
 }
 
 fn reference() -> Reference {
@@ -82,11 +97,22 @@ fn fake_unet(x: &[f32], t: f32) -> Vec<f32> {
         .collect()
 }
 
-fn build(case: &Case, config: &SchedulerConfig) -> Box<dyn Scheduler> {
-    match case.options.get("eta").and_then(Value::as_f64) {
-        Some(eta) => Box::new(DdimScheduler::new(config, case.steps, eta as f32).expect("ddim")),
-        None => schedulers::build(&case.scheduler, config, case.steps).expect("build"),
+/// The case's `from_config` overrides (and DDIM's `eta`), through the string parser the API
+/// uses.
+fn overrides(case: &Case) -> SchedulerOverrides {
+    let mut o = SchedulerOverrides::default();
+    for (k, v) in &case.overrides {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        o.set(k, &text).expect("override");
     }
+    o
+}
+
+fn build(case: &Case, config: &SchedulerConfig) -> Box<dyn Scheduler> {
+    schedulers::build_with(&case.scheduler, config, &overrides(case), case.steps).expect("build")
 }
 
 /// Largest error of `ours` against `theirs` relative to `max(|theirs|, ALPHA_FLOOR)`, and
@@ -101,6 +127,22 @@ fn max_rel_err(ours: &[f64], theirs: &[f64]) -> (f64, usize) {
             (0.0, 0),
             |(m, at), (i, e)| if e > m { (e, i) } else { (m, at) },
         )
+}
+
+/// Largest |a − b|/|b| (exact zeros must match exactly).
+fn max_rel_err_f32(ours: &[f32], theirs: &[f32]) -> f64 {
+    assert_eq!(ours.len(), theirs.len(), "lengths");
+    ours.iter()
+        .zip(theirs)
+        .map(|(a, b)| {
+            let (a, b) = (f64::from(*a), f64::from(*b));
+            if b == 0.0 {
+                if a == 0.0 { 0.0 } else { f64::INFINITY }
+            } else {
+                (a - b).abs() / b.abs()
+            }
+        })
+        .fold(0.0, f64::max)
 }
 
 /// Largest |a − b| relative to `scale`.
@@ -119,16 +161,19 @@ fn sampling_loops_match_diffusers() {
     for case in &reference.cases {
         let label = format!("{} steps={}", case.name, case.steps);
         let config = SchedulerConfig::from_json(&case.config.to_string()).expect("config");
-        // diffusers' PNDM and Heun have no rescale_betas_zero_snr (from_config drops it), and
-        // ours ignore it too: check their tables and tolerances without it.
+        let overridden = overrides(case)
+            .apply(&case.scheduler, &config)
+            .expect("overrides");
+        // diffusers' PNDM, Heun and LMS have no rescale_betas_zero_snr (from_config drops it),
+        // and ours ignore it too: check their tables and tolerances without it.
         let effective = SchedulerConfig {
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr
-                && !matches!(case.scheduler.as_str(), "pndm" | "heun"),
-            ..config.clone()
+            rescale_betas_zero_snr: overridden.rescale_betas_zero_snr
+                && !matches!(case.scheduler.as_str(), "pndm" | "heun" | "lms"),
+            ..overridden
         };
 
         let mut ac = schedulers::schedule::alphas_cumprod(&schedulers::schedule::betas(&effective));
-        if effective.rescale_betas_zero_snr && case.scheduler != "ddim" {
+        if effective.rescale_betas_zero_snr && !matches!(case.scheduler.as_str(), "ddim" | "ddpm") {
             // The sigma schedulers replace ᾱ_T = 0 by 2^-24 (see schedulers::sigmas).
             if let Some(last) = ac.last_mut() {
                 *last = 2f64.powi(-24);
@@ -148,11 +193,40 @@ fn sampling_loops_match_diffusers() {
         );
 
         let mut scheduler = build(case, &config);
-        assert_eq!(
-            scheduler.timesteps(),
-            case.timesteps.as_slice(),
-            "{label}: timesteps"
-        );
+        if case.timesteps.iter().all(|t| t.fract() == 0.0) {
+            assert_eq!(
+                scheduler.timesteps(),
+                case.timesteps.as_slice(),
+                "{label}: timesteps"
+            );
+        } else {
+            // Karras timesteps of Euler/Heun are fractional (σ read back through log-σ
+            // interpolation): float tolerance, relative to the largest timestep because the
+            // smallest ones inherit σ_min's error (see SIGMAS_TOL) at t ≈ 0.
+            let t_max = case
+                .timesteps
+                .iter()
+                .fold(0.0f64, |m, t| m.max(f64::from(*t)));
+            let err = rel_diff(scheduler.timesteps(), &case.timesteps, t_max);
+            assert!(
+                err <= TIMESTEP_TOL,
+                "{label}: timesteps differ by {err:e} relative"
+            );
+        }
+        let sigmas_err = match &case.sigmas {
+            Some(want) => {
+                let ours = scheduler
+                    .sigmas()
+                    .expect("scheduler has sigmas like diffusers'");
+                let err = max_rel_err_f32(ours, want);
+                assert!(
+                    err <= SIGMAS_TOL,
+                    "{label}: sigmas differ by {err:e} relative\n ours {ours:?}\n diffusers {want:?}"
+                );
+                err
+            }
+            None => 0.0,
+        };
         let sigma_err =
             (f64::from(scheduler.init_noise_sigma()) - f64::from(case.init_noise_sigma)).abs()
                 / f64::from(case.init_noise_sigma);
@@ -191,14 +265,29 @@ fn sampling_loops_match_diffusers() {
             .zip(&want)
             .filter(|(a, b)| a.to_bits() == b.to_bits())
             .count();
+        // add_noise at the middle step index of a fresh schedule (img2img's start).
+        let fresh = build(case, &config);
+        let mut ng = TorchGenerator::new(case.add_noise_seed);
+        let original = ng.randn(case.numel);
+        let noise = ng.randn(case.numel);
+        let noised = fresh.add_noise(&original, &noise, case.add_noise_step);
+        let noised_want: Vec<f32> = case.add_noise.iter().map(|b| f32::from_bits(*b)).collect();
+        let noised_scale = noised_want
+            .iter()
+            .fold(1.0f64, |m, v| m.max(f64::from(v.abs())));
+        let noise_diff = rel_diff(&noised, &noised_want, noised_scale);
         eprintln!(
-            "{label:34} alphas_cumprod rel err {alpha_err:.1e}; final latents max rel diff \
-             {diff:.2e}, {exact}/{} bit-identical",
+            "{label:40} alphas_cumprod rel err {alpha_err:.1e}; sigmas {sigmas_err:.1e}; final \
+             latents max rel diff {diff:.2e}, {exact}/{} bit-identical; add_noise {noise_diff:.1e}",
             want.len()
         );
         assert!(
             diff <= FINAL_TOL,
             "{label}: final latents differ by {diff:e} relative"
+        );
+        assert!(
+            noise_diff <= ADD_NOISE_TOL,
+            "{label}: add_noise differs by {noise_diff:e} relative"
         );
         if diff > worst.0 {
             worst = (diff, label);

@@ -10,7 +10,10 @@ runs the pipeline's loop with a deterministic fake U-Net:
         latents = scheduler.step(eps, t, latents, **kwargs).prev_sample
 
 The same generator seeds the latents and any per-step noise, as in diffusers' pipelines.
-Outputs timesteps, alphas_cumprod, per-step model inputs' first values and the final latents.
+A case's overrides are passed to `from_config(config, **overrides)`, except `eta`, which is
+DDIM's `step` argument. Outputs timesteps, sigmas (where the scheduler has them),
+alphas_cumprod, per-step model inputs' first values, the final latents, and `add_noise` at the
+middle step index (img2img's `set_begin_index` then `add_noise`) of fixed samples.
 
 Usage: reference_schedulers.py OUT.json
 """
@@ -67,9 +70,15 @@ CLASSES = {
     "euler": EulerDiscreteScheduler,
     "euler_ancestral": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
+    "dpmpp_2m_sde": DPMSolverMultistepScheduler,
     "pndm": PNDMScheduler,
     "heun": HeunDiscreteScheduler,
 }
+# Class arguments that make the sampler what our name says, on top of the case's overrides.
+CLASS_ARGS = {
+    "dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++"},
+}
+KARRAS = {"use_karras_sigmas": True}
 
 CASES = []
 for steps in (1, 2, 10, 50):
@@ -100,10 +109,41 @@ for steps in (1, 2, 10, 50):
         ("sd2_v_leading_heun", "heun", SD2_V, steps, {}),
         ("sample_clip_heun", "heun", SAMPLE_CLIP, steps, {}),
         ("zero_snr_config_heun", "heun", ZERO_SNR, steps, {}),
+        # Per-request overrides (from_config(config, **overrides)).
+        ("sd1_trailing_override_ddim", "ddim", SD1, steps,
+         {"timestep_spacing": "trailing", "prediction_type": "v_prediction",
+          "rescale_betas_zero_snr": True}),
+        ("defaults_override_ddim", "ddim", DEFAULTS_LINSPACE, steps,
+         {"clip_sample": False, "set_alpha_to_one": False, "beta_schedule": "scaled_linear",
+          "timestep_spacing": "leading", "steps_offset": 1}),
+        ("sd1_karras_euler", "euler", SD1, steps, KARRAS),
+        ("sd2_v_leading_karras_euler", "euler", SD2_V, steps, KARRAS),
+        ("zero_snr_trailing_karras_euler", "euler", ZERO_SNR, steps, KARRAS),
+        # EulerAncestralDiscreteScheduler has no use_karras_sigmas: a config that sets it
+        # samples with the plain schedule (from_config drops the key).
+        ("karras_config_euler_ancestral", "euler_ancestral", {**SD1, **KARRAS}, steps, {}),
+        ("sd1_karras_heun", "heun", SD1, steps, KARRAS),
+        ("sd2_v_leading_karras_heun", "heun", SD2_V, steps, KARRAS),
+        ("sd1_karras_dpmpp_2m", "dpmpp_2m", SD1, steps, KARRAS),
+        ("sd2_v_karras_dpmpp_2m", "dpmpp_2m", SD2_V, steps, KARRAS),
+        ("sd1_dpmpp_2m_sde", "dpmpp_2m_sde", SD1, steps, {}),
+        ("sd2_v_leading_dpmpp_2m_sde", "dpmpp_2m_sde", SD2_V, steps, {}),
+        ("zero_snr_trailing_dpmpp_2m_sde", "dpmpp_2m_sde", ZERO_SNR, steps, {}),
+        ("sd1_karras_dpmpp_2m_sde", "dpmpp_2m_sde", SD1, steps, KARRAS),
     ]
+    # Karras σ on a schedule whose σ_max is far above the next training σ (zero-SNR rescaling,
+    # cosine) rounds the first two timesteps to the same value at many steps; diffusers'
+    # _init_step_index then starts at index 1 and its own loop overruns the schedule (IndexError),
+    # so there is no reference to compare with. Only the step counts diffusers completes.
+    if steps <= 2:
+        CASES += [
+            ("zero_snr_trailing_karras_dpmpp_2m", "dpmpp_2m", ZERO_SNR, steps, KARRAS),
+            ("cosine_sample_karras_dpmpp_2m", "dpmpp_2m", COSINE_SAMPLE, steps, KARRAS),
+        ]
 
 SHAPE = (1, 4, 8, 8)
 SEED = 1234
+ADD_NOISE_SEED = 99
 
 
 def fake_unet(x: torch.Tensor, t: float) -> torch.Tensor:
@@ -116,9 +156,11 @@ def bits(t: torch.Tensor) -> list[int]:
     return t.contiguous().numpy().view(np.uint32).reshape(-1).tolist()
 
 
-def run(name, kind, config, steps, kwargs):
+def run(name, kind, config, steps, overrides):
     # from_config, like loading a model folder: keys the class does not know are ignored.
-    scheduler = CLASSES[kind].from_config(config)
+    kwargs = {k: v for k, v in overrides.items() if k == "eta"}
+    init = {k: v for k, v in overrides.items() if k != "eta"}
+    scheduler = CLASSES[kind].from_config(config, **CLASS_ARGS.get(kind, {}), **init)
     scheduler.set_timesteps(steps)
     g = torch.Generator("cpu").manual_seed(SEED)
     latents = torch.randn(SHAPE, generator=g, dtype=torch.float32) * scheduler.init_noise_sigma
@@ -130,19 +172,35 @@ def run(name, kind, config, steps, kwargs):
         first_inputs.append(float(x.reshape(-1)[0]))
         eps = fake_unet(x, float(t))
         latents = scheduler.step(eps, t, latents, **kwargs).prev_sample
+
+    # add_noise as img2img calls it: a fresh schedule started at step index `mid`.
+    scheduler = CLASSES[kind].from_config(config, **CLASS_ARGS.get(kind, {}), **init)
+    scheduler.set_timesteps(steps)
+    mid = len(scheduler.timesteps) // 2
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(mid)
+    ng = torch.Generator("cpu").manual_seed(ADD_NOISE_SEED)
+    original = torch.randn(SHAPE, generator=ng, dtype=torch.float32)
+    noise = torch.randn(SHAPE, generator=ng, dtype=torch.float32)
+    noised = scheduler.add_noise(original, noise, scheduler.timesteps[mid : mid + 1])
+    sigmas = getattr(scheduler, "sigmas", None)
     return {
         "name": name,
         "scheduler": kind,
         "config": config,
         "steps": steps,
-        "options": {k: v for k, v in kwargs.items() if k != "generator"},
+        "overrides": overrides,
         "seed": SEED,
         "numel": math.prod(SHAPE),
         "timesteps": [float(t) for t in scheduler.timesteps],
+        "sigmas": None if sigmas is None else [float(s) for s in sigmas],
         "init_noise_sigma": float(scheduler.init_noise_sigma),
         "alphas_cumprod": scheduler.alphas_cumprod.double().tolist(),
         "first_inputs": first_inputs,
         "final": bits(latents),
+        "add_noise_seed": ADD_NOISE_SEED,
+        "add_noise_step": mid,
+        "add_noise": bits(noised),
     }
 
 

@@ -85,8 +85,11 @@ pub struct SchedulerConfig {
     pub rescale_betas_zero_snr: bool,
     /// Sigma schedulers: `interpolation_type`.
     pub interpolation_type: InterpolationType,
+    /// Sigma schedulers: `use_karras_sigmas` (Karras et al. 2022, eq. 5 σ spacing with ρ = 7).
+    /// Schedulers without the option (DDIM, PNDM, ...) ignore it, as `from_config` does.
+    pub use_karras_sigmas: bool,
     /// Sigma-schedule variants of the Euler family that are parsed but not implemented:
-    /// `use_karras_sigmas`, `use_exponential_sigmas`, `use_beta_sigmas` set to true,
+    /// `use_exponential_sigmas`, `use_beta_sigmas` set to true,
     /// `timestep_type` "continuous", `final_sigmas_type` "sigma_min". Each entry is the field
     /// name and its value; the sigma schedulers refuse to build while any is set, so a model
     /// that asks for them is never silently sampled another way. DDIM ignores them, as
@@ -112,6 +115,7 @@ impl Default for SchedulerConfig {
             timestep_spacing: None,
             rescale_betas_zero_snr: false,
             interpolation_type: InterpolationType::Linear,
+            use_karras_sigmas: false,
             unsupported_sigma_options: Vec::new(),
         }
     }
@@ -206,6 +210,9 @@ impl SchedulerConfig {
                     ],
                 )?
                 .unwrap_or(d.interpolation_type),
+            use_karras_sigmas: fields
+                .bool("use_karras_sigmas")?
+                .unwrap_or(d.use_karras_sigmas),
             unsupported_sigma_options: fields.unsupported_sigma_options()?,
         };
         config.validate()?;
@@ -347,11 +354,7 @@ impl Fields<'_> {
 
     fn unsupported_sigma_options(&self) -> Result<Vec<(String, String)>, SchedulerError> {
         let mut found = Vec::new();
-        for field in [
-            "use_karras_sigmas",
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-        ] {
+        for field in ["use_exponential_sigmas", "use_beta_sigmas"] {
             if self.bool(field)?.unwrap_or(false) {
                 found.push((field.to_owned(), "true".to_owned()));
             }

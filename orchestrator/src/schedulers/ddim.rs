@@ -2,7 +2,7 @@
 //! `scheduling_ddim.py::DDIMScheduler`.
 
 use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
-use super::{Scheduler, SchedulerError, check_step_args, schedule};
+use super::{Scheduler, SchedulerError, add_noise_alpha, check_step_args, schedule};
 use crate::rng::TorchGenerator;
 
 /// DDIM with a fixed step count. `eta = 0` is the deterministic sampler diffusers' pipelines use
@@ -101,6 +101,15 @@ impl Scheduler for DdimScheduler {
 
     fn scale_model_input(&self, sample: &[f32], _step: usize) -> Vec<f32> {
         sample.to_vec()
+    }
+
+    fn add_noise(&self, original: &[f32], noise: &[f32], step: usize) -> Vec<f32> {
+        // DDIMScheduler.add_noise: √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε.
+        add_noise_alpha(
+            original,
+            noise,
+            self.alphas_cumprod[self.timesteps[step] as usize],
+        )
     }
 
     fn step(

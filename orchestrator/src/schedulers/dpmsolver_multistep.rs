@@ -1,9 +1,11 @@
 //! DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", algorithm 2, midpoint form), following
 //! diffusers 0.42.1 `scheduling_dpmsolver_multistep.py::DPMSolverMultistepScheduler` with
 //! `algorithm_type="dpmsolver++"`, `solver_order=2`, `solver_type="midpoint"` and
-//! `final_sigmas_type="zero"` — the sampler UIs call "DPM++ 2M".
+//! `final_sigmas_type="zero"` — the sampler UIs call "DPM++ 2M" — and, with
+//! `algorithm_type="sde-dpmsolver++"`, "DPM++ 2M SDE" (Lu et al. 2022, section 5 / appendix).
 
-use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::sigmas::{karras_sigmas, log_sigmas, sigma_to_t};
 use super::{Scheduler, SchedulerError, check_step_args, schedule};
 use crate::rng::TorchGenerator;
 
@@ -11,8 +13,18 @@ use crate::rng::TorchGenerator;
 /// fields the model's `scheduler_config.json` carries, just as choosing "DPM++ 2M" does in
 /// sampler UIs. Second order needs the previous step's x₀ estimate, kept between calls, so
 /// steps must be taken in order.
+/// diffusers' `algorithm_type`, restricted to the two data-prediction solvers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// `"dpmsolver++"`: deterministic (DPM++ 2M).
+    DpmSolverPlusPlus,
+    /// `"sde-dpmsolver++"`: adds √(1 − e^(−2h))·σ_t noise each step (DPM++ 2M SDE).
+    SdeDpmSolverPlusPlus,
+}
+
 #[derive(Debug, Clone)]
 pub struct DpmSolverMultistepScheduler {
+    algorithm: Algorithm,
     timesteps: Vec<f32>,
     /// σ per step plus the final 0.
     sigmas: Vec<f32>,
@@ -24,14 +36,23 @@ pub struct DpmSolverMultistepScheduler {
 }
 
 impl DpmSolverMultistepScheduler {
-    /// `DPMSolverMultistepScheduler(**config)` followed by `set_timesteps(steps)`.
-    pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self, SchedulerError> {
+    /// `DPMSolverMultistepScheduler(**config, algorithm_type=...)` followed by
+    /// `set_timesteps(steps)`.
+    pub fn new(
+        config: &SchedulerConfig,
+        steps: usize,
+        algorithm: Algorithm,
+    ) -> Result<Self, SchedulerError> {
         config.validate()?;
         schedule::check_steps(steps, config)?;
+        let name = match algorithm {
+            Algorithm::DpmSolverPlusPlus => "dpmpp_2m",
+            Algorithm::SdeDpmSolverPlusPlus => "dpmpp_2m_sde",
+        };
         if let Some((field, value)) = config.unsupported_sigma_options.first() {
             return Err(SchedulerError::Config {
                 field: field.clone(),
-                message: format!("{value} is not supported by the dpmpp_2m scheduler"),
+                message: format!("{value} is not supported by the {name} scheduler"),
             });
         }
         let mut alphas_cumprod: Vec<f32> = schedule::alphas_cumprod(&schedule::betas(config))
@@ -84,17 +105,47 @@ impl DpmSolverMultistepScheduler {
                 ),
             });
         }
-        // np.interp at integer timesteps reads the training σ_t = √((1 − ᾱ_t)/ᾱ_t) exactly.
-        let mut sigmas: Vec<f32> = timesteps
+        // σ_t = √((1 − ᾱ_t)/ᾱ_t) in float32, like diffusers' torch expression.
+        let train_sigmas: Vec<f32> = alphas_cumprod
             .iter()
-            .map(|t| {
-                let a = alphas_cumprod[*t as usize];
-                ((1.0 - a) / a).sqrt()
-            })
+            .map(|a| ((1.0 - a) / a).sqrt())
             .collect();
+        let (timesteps, mut sigmas): (Vec<f32>, Vec<f32>) = if config.use_karras_sigmas {
+            // set_timesteps' use_karras_sigmas branch: Karras σ between the training σ_min and
+            // σ_max, timesteps read back with _sigma_to_t and rounded (truncated to int64 for
+            // the cosine schedule, which diffusers leaves unrounded).
+            let log_sigmas = log_sigmas(&train_sigmas);
+            let karras = karras_sigmas(
+                f64::from(train_sigmas[0]),
+                f64::from(train_sigmas[t_train - 1]),
+                steps,
+            );
+            let cosine = config.trained_betas.is_none()
+                && config.beta_schedule == BetaSchedule::SquaredCosCapV2;
+            let ts = karras
+                .iter()
+                .map(|s| {
+                    let t = sigma_to_t(*s, &log_sigmas);
+                    (if cosine {
+                        t.trunc()
+                    } else {
+                        t.round_ties_even()
+                    }) as f32
+                })
+                .collect();
+            (ts, karras.iter().map(|s| *s as f32).collect())
+        } else {
+            // np.interp at integer timesteps reads the training σ_t exactly.
+            let sigmas = timesteps
+                .iter()
+                .map(|t| train_sigmas[*t as usize])
+                .collect();
+            (timesteps.iter().map(|t| *t as f32).collect(), sigmas)
+        };
         sigmas.push(0.0);
         Ok(Self {
-            timesteps: timesteps.iter().map(|t| *t as f32).collect(),
+            algorithm,
+            timesteps,
             sigmas,
             prediction_type: config.prediction_type,
             previous_x0: None,
@@ -133,19 +184,37 @@ impl Scheduler for DpmSolverMultistepScheduler {
         sample.to_vec()
     }
 
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
+    fn add_noise(&self, original: &[f32], noise: &[f32], step: usize) -> Vec<f32> {
+        // DPMSolverMultistepScheduler.add_noise: α_t·x₀ + σ_t·ε with (α_t, σ_t) from the VE σ.
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step]);
+        original
+            .iter()
+            .zip(noise)
+            .map(|(x, n)| alpha_t * x + sigma_t * n)
+            .collect()
+    }
+
     fn step(
         &mut self,
         model_output: &[f32],
         step: usize,
         sample: &[f32],
-        _rng: &mut TorchGenerator,
+        rng: &mut TorchGenerator,
     ) -> Result<Vec<f32>, SchedulerError> {
         check_step_args(step, self.timesteps.len(), model_output, sample)?;
         if step != self.next_step {
             return Err(SchedulerError::Option {
                 option: "step".into(),
                 message: format!(
-                    "dpmpp_2m is multistep: expected step {}, got {step}",
+                    "{} is multistep: expected step {}, got {step}",
+                    match self.algorithm {
+                        Algorithm::DpmSolverPlusPlus => "dpmpp_2m",
+                        Algorithm::SdeDpmSolverPlusPlus => "dpmpp_2m_sde",
+                    },
                     self.next_step
                 ),
             });
@@ -166,34 +235,69 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let lambda_t = lambda(alpha_t, sigma_t);
         let lambda_s0 = lambda(alpha_s0, sigma_s0);
         let h = lambda_t - lambda_s0;
-        let c_sample = sigma_t / sigma_s0;
-        let c_d = alpha_t * ((-h).exp() - 1.0);
         let last = step == self.timesteps.len() - 1;
-
-        let prev: Vec<f32> = match (&self.previous_x0, last) {
-            // Second order (multistep_dpm_solver_second_order_update, DPM-Solver++ eq. 16
-            // midpoint form): D1 = (m0 − m1)/r0 with r0 = h_0/h.
+        let first_order = self.previous_x0.is_none() || last;
+        // The second-order correction D1 = (m0 − m1)/r0 with r0 = h_0/h
+        // (multistep_dpm_solver_second_order_update); zero on first-order steps.
+        let d1: Vec<f32> = match (&self.previous_x0, first_order) {
             (Some(m1), false) => {
                 let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[step - 1]);
                 let h_0 = lambda_s0 - lambda(alpha_s1, sigma_s1);
                 let inv_r0 = 1.0 / (h_0 / h);
-                let half_c_d = 0.5 * c_d;
                 x0.iter()
                     .zip(m1)
-                    .zip(sample)
-                    .map(|((&d0, &m1), &x)| {
-                        let d1 = inv_r0 * (d0 - m1);
-                        c_sample * x - c_d * d0 - half_c_d * d1
-                    })
+                    .map(|(d0, m1)| inv_r0 * (d0 - m1))
                     .collect()
             }
-            // First order (dpm_solver_first_order_update, DPM-Solver++ eq. 13 with k = 1): on
-            // the first step, and on the last, which lands on σ = 0 (final_sigmas_type "zero").
-            _ => x0
-                .iter()
-                .zip(sample)
-                .map(|(&d0, &x)| c_sample * x - c_d * d0)
-                .collect(),
+            _ => Vec::new(),
+        };
+        let prev: Vec<f32> = match self.algorithm {
+            Algorithm::DpmSolverPlusPlus => {
+                let c_sample = sigma_t / sigma_s0;
+                let c_d = alpha_t * ((-h).exp() - 1.0);
+                if first_order {
+                    // dpm_solver_first_order_update (DPM-Solver++ eq. 13 with k = 1): on the
+                    // first step, and on the last, which lands on σ = 0 (final_sigmas_type zero).
+                    x0.iter()
+                        .zip(sample)
+                        .map(|(&d0, &x)| c_sample * x - c_d * d0)
+                        .collect()
+                } else {
+                    // multistep_dpm_solver_second_order_update, dpmsolver++ midpoint.
+                    let half_c_d = 0.5 * c_d;
+                    x0.iter()
+                        .zip(&d1)
+                        .zip(sample)
+                        .map(|((&d0, &d1), &x)| c_sample * x - c_d * d0 - half_c_d * d1)
+                        .collect()
+                }
+            }
+            Algorithm::SdeDpmSolverPlusPlus => {
+                // The step's noise is drawn before the update, every step, as diffusers' step
+                // does (randn_tensor(model_output.shape, generator)).
+                let noise = rng.randn(sample.len());
+                let c_sample = sigma_t / sigma_s0 * (-h).exp();
+                let c_d = alpha_t * (1.0 - (-2.0 * h).exp());
+                let c_noise = sigma_t * (1.0 - (-2.0 * h).exp()).sqrt();
+                if first_order {
+                    // dpm_solver_first_order_update, sde-dpmsolver++.
+                    x0.iter()
+                        .zip(sample)
+                        .zip(&noise)
+                        .map(|((&d0, &x), &n)| c_sample * x + c_d * d0 + c_noise * n)
+                        .collect()
+                } else {
+                    // multistep_dpm_solver_second_order_update, sde-dpmsolver++ midpoint.
+                    let half_c_d = 0.5 * c_d;
+                    x0.iter()
+                        .zip(&d1)
+                        .zip(sample.iter().zip(&noise))
+                        .map(|((&d0, &d1), (&x, &n))| {
+                            c_sample * x + c_d * d0 + half_c_d * d1 + c_noise * n
+                        })
+                        .collect()
+                }
+            }
         };
         self.previous_x0 = Some(x0);
         self.next_step = step + 1;

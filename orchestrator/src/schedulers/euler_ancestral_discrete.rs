@@ -4,7 +4,7 @@
 use super::config::{PredictionType, SchedulerConfig};
 use super::euler_discrete::{pred_original_sample, v_coeffs};
 use super::sigmas::SigmaSchedule;
-use super::{Scheduler, SchedulerError, check_step_args};
+use super::{Scheduler, SchedulerError, add_noise_sigma, check_step_args};
 use crate::rng::TorchGenerator;
 
 /// Each step goes deterministically down to σ_down and adds fresh noise of size σ_up, drawn from
@@ -26,6 +26,11 @@ impl EulerAncestralDiscreteScheduler {
                 message: "\"sample\" is not supported by the euler_ancestral scheduler".into(),
             });
         }
+        // The class has no use_karras_sigmas; from_config drops it, and so do we.
+        let config = &SchedulerConfig {
+            use_karras_sigmas: false,
+            ..config.clone()
+        };
         Ok(Self {
             schedule: SigmaSchedule::new(config, steps, "euler_ancestral")?,
             prediction_type: config.prediction_type,
@@ -49,6 +54,15 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
 
     fn scale_model_input(&self, sample: &[f32], step: usize) -> Vec<f32> {
         self.schedule.scale_model_input(sample, step)
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.schedule.sigmas)
+    }
+
+    fn add_noise(&self, original: &[f32], noise: &[f32], step: usize) -> Vec<f32> {
+        // EulerAncestralDiscreteScheduler.add_noise: x₀ + σ·ε.
+        add_noise_sigma(original, noise, self.schedule.sigmas[step])
     }
 
     fn step(

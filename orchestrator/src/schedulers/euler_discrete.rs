@@ -3,7 +3,7 @@
 
 use super::config::{PredictionType, SchedulerConfig};
 use super::sigmas::SigmaSchedule;
-use super::{Scheduler, SchedulerError, check_step_args};
+use super::{Scheduler, SchedulerError, add_noise_sigma, check_step_args};
 use crate::rng::TorchGenerator;
 
 /// Deterministic first-order sampler on the σ schedule. diffusers' `s_churn` (stochastic
@@ -63,6 +63,15 @@ impl Scheduler for EulerDiscreteScheduler {
 
     fn scale_model_input(&self, sample: &[f32], step: usize) -> Vec<f32> {
         self.schedule.scale_model_input(sample, step)
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.schedule.sigmas)
+    }
+
+    fn add_noise(&self, original: &[f32], noise: &[f32], step: usize) -> Vec<f32> {
+        // EulerDiscreteScheduler.add_noise: x₀ + σ·ε.
+        add_noise_sigma(original, noise, self.schedule.sigmas[step])
     }
 
     fn step(

@@ -4,7 +4,7 @@
 use super::config::{InterpolationType, PredictionType, SchedulerConfig};
 use super::euler_discrete::{pred_original_sample, v_coeffs};
 use super::sigmas::SigmaSchedule;
-use super::{Scheduler, SchedulerError, check_step_args};
+use super::{Scheduler, SchedulerError, add_noise_sigma, check_step_args};
 use crate::rng::TorchGenerator;
 
 /// Each inference step but the first takes two U-Net calls (an Euler predictor at σ_i, then a
@@ -83,6 +83,15 @@ impl Scheduler for HeunDiscreteScheduler {
         let sigma = self.sigmas[step.min(self.sigmas.len() - 1)];
         let scale = (sigma * sigma + 1.0).sqrt();
         sample.iter().map(|x| x / scale).collect()
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
+    fn add_noise(&self, original: &[f32], noise: &[f32], step: usize) -> Vec<f32> {
+        // HeunDiscreteScheduler.add_noise: x₀ + σ·ε.
+        add_noise_sigma(original, noise, self.sigmas[step])
     }
 
     fn step(

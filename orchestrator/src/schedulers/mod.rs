@@ -16,6 +16,7 @@ pub mod dpmsolver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
 pub mod heun_discrete;
+pub mod overrides;
 pub mod pndm;
 pub mod schedule;
 pub mod sigmas;
@@ -23,6 +24,7 @@ pub mod sigmas;
 pub use config::{
     BetaSchedule, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
 };
+pub use overrides::SchedulerOverrides;
 
 use crate::rng::TorchGenerator;
 
@@ -75,6 +77,36 @@ pub trait Scheduler: Send {
         sample: &[f32],
         rng: &mut TorchGenerator,
     ) -> Result<Vec<f32>, SchedulerError>;
+    /// The σ schedule of sigma-based samplers (one per timestep plus the final one), as
+    /// diffusers' `scheduler.sigmas`; `None` for samplers that have none (DDIM, PNDM, DDPM).
+    fn sigmas(&self) -> Option<&[f32]> {
+        None
+    }
+    /// `add_noise`: `original` noised to the level of step index `step` (`timesteps()[step]`
+    /// or its σ), as img2img does before starting the loop at `step`. `original` and `noise`
+    /// have the same length; `step` must be below `timesteps().len()` (panics otherwise).
+    fn add_noise(&self, original: &[f32], noise: &[f32], step: usize) -> Vec<f32>;
+}
+
+/// `add_noise` of the ᾱ (DDPM-parameterised) schedulers, e.g. `DDIMScheduler.add_noise`:
+/// √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε (DDPM, Ho et al. 2020, eq. 4), in float32.
+pub(crate) fn add_noise_alpha(original: &[f32], noise: &[f32], alpha_prod: f32) -> Vec<f32> {
+    let sqrt_alpha = alpha_prod.sqrt();
+    let sqrt_one_minus = (1.0 - alpha_prod).sqrt();
+    original
+        .iter()
+        .zip(noise)
+        .map(|(x, n)| sqrt_alpha * x + sqrt_one_minus * n)
+        .collect()
+}
+
+/// `add_noise` of the σ schedulers, e.g. `EulerDiscreteScheduler.add_noise`: x₀ + σ·ε.
+pub(crate) fn add_noise_sigma(original: &[f32], noise: &[f32], sigma: f32) -> Vec<f32> {
+    original
+        .iter()
+        .zip(noise)
+        .map(|(x, n)| x + n * sigma)
+        .collect()
 }
 
 /// The scheduler used when a request names none.
@@ -88,6 +120,7 @@ pub const NAMES: &[&str] = &[
     "dpmpp_2m",
     "pndm",
     "heun",
+    "dpmpp_2m_sde",
 ];
 
 /// Our name for the diffusers scheduler class a model folder names in `_class_name`, so a model
@@ -106,19 +139,50 @@ pub fn name_for_class(class_name: Option<&str>) -> Option<&'static str> {
     }
 }
 
-/// Builds the named scheduler for `steps` inference steps.
+/// Builds the named scheduler for `steps` inference steps from the model's config as is.
 pub fn build(
     name: &str,
     config: &SchedulerConfig,
     steps: usize,
 ) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    build_with(name, config, &SchedulerOverrides::default(), steps)
+}
+
+/// Builds the named scheduler for `steps` inference steps, with per-request `overrides` on top
+/// of the model's config (`XScheduler.from_config(config, **overrides)`). An override the named
+/// scheduler does not have is an error naming the option and the ones it does have.
+pub fn build_with(
+    name: &str,
+    config: &SchedulerConfig,
+    overrides: &SchedulerOverrides,
+    steps: usize,
+) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    if !NAMES.contains(&name) {
+        return Err(SchedulerError::UnknownName { name: name.into() });
+    }
+    let config = &overrides.apply(name, config)?;
     match name {
-        "ddim" => Ok(Box::new(ddim::DdimScheduler::new(config, steps, 0.0)?)),
+        "ddim" => Ok(Box::new(ddim::DdimScheduler::new(
+            config,
+            steps,
+            overrides.eta.unwrap_or(0.0),
+        )?)),
         "euler" => Ok(Box::new(euler_discrete::EulerDiscreteScheduler::new(
             config, steps,
         )?)),
         "dpmpp_2m" => Ok(Box::new(
-            dpmsolver_multistep::DpmSolverMultistepScheduler::new(config, steps)?,
+            dpmsolver_multistep::DpmSolverMultistepScheduler::new(
+                config,
+                steps,
+                dpmsolver_multistep::Algorithm::DpmSolverPlusPlus,
+            )?,
+        )),
+        "dpmpp_2m_sde" => Ok(Box::new(
+            dpmsolver_multistep::DpmSolverMultistepScheduler::new(
+                config,
+                steps,
+                dpmsolver_multistep::Algorithm::SdeDpmSolverPlusPlus,
+            )?,
         )),
         "pndm" => Ok(Box::new(pndm::PndmScheduler::new(config, steps)?)),
         "heun" => Ok(Box::new(heun_discrete::HeunDiscreteScheduler::new(

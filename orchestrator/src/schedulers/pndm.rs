@@ -4,7 +4,7 @@
 //! configuration every Stable Diffusion 1.x checkpoint ships with.
 
 use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
-use super::{Scheduler, SchedulerError, check_step_args, schedule};
+use super::{Scheduler, SchedulerError, add_noise_alpha, check_step_args, schedule};
 use crate::rng::TorchGenerator;
 
 /// PLMS keeps the last model outputs (`ets`) between calls, so steps must be taken in order.
@@ -127,6 +127,15 @@ impl PndmScheduler {
 impl Scheduler for PndmScheduler {
     fn timesteps(&self) -> &[f32] {
         &self.timesteps_f32
+    }
+
+    fn add_noise(&self, original: &[f32], noise: &[f32], step: usize) -> Vec<f32> {
+        // PNDMScheduler.add_noise: √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε.
+        add_noise_alpha(
+            original,
+            noise,
+            self.alphas_cumprod[self.timesteps[step] as usize],
+        )
     }
 
     fn init_noise_sigma(&self) -> f32 {

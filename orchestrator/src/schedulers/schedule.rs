@@ -46,7 +46,7 @@ pub fn alphas_cumprod(betas: &[f64]) -> Vec<f64> {
 }
 
 /// `np.linspace(start, end, n)` / `torch.linspace` (endpoint included).
-fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
+pub(super) fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
     if n == 1 {
         return vec![start];
     }

@@ -49,11 +49,12 @@ impl SigmaSchedule {
             .collect();
 
         let spacing = config.timestep_spacing_or(TimestepSpacing::Linspace);
-        let timesteps = schedule::timesteps_f32(config, spacing, steps);
-        let mut sigmas: Vec<f32> = match config.interpolation_type {
+        let mut timesteps = schedule::timesteps_f32(config, spacing, steps);
+        // numpy keeps these in f64 until the final cast; Karras spacing reads its ends from them.
+        let in_sigmas: Vec<f64> = match config.interpolation_type {
             InterpolationType::Linear => timesteps
                 .iter()
-                .map(|t| interp(f64::from(*t), &train_sigmas) as f32)
+                .map(|t| interp(f64::from(*t), &train_sigmas))
                 .collect(),
             // set_timesteps' log_linear branch: n + 1 log-uniform sigmas from σ_max down to
             // σ_min; with the final 0 appended the last one is never reached, as in diffusers.
@@ -61,9 +62,20 @@ impl SigmaSchedule {
                 let hi = f64::from(train_sigmas[train_sigmas.len() - 1]).ln();
                 let lo = f64::from(train_sigmas[0]).ln();
                 (0..=steps)
-                    .map(|i| (hi + (lo - hi) * i as f64 / steps as f64).exp() as f32)
+                    .map(|i| f64::from((hi + (lo - hi) * i as f64 / steps as f64).exp() as f32))
                     .collect()
             }
+        };
+        let mut sigmas: Vec<f32> = if config.use_karras_sigmas {
+            let log_sigmas = log_sigmas(&train_sigmas);
+            let karras = karras_sigmas(in_sigmas[in_sigmas.len() - 1], in_sigmas[0], steps);
+            timesteps = karras
+                .iter()
+                .map(|s| sigma_to_t(*s, &log_sigmas) as f32)
+                .collect();
+            karras.iter().map(|s| *s as f32).collect()
+        } else {
+            in_sigmas.iter().map(|s| *s as f32).collect()
         };
         sigmas.push(0.0);
 
@@ -87,6 +99,43 @@ impl SigmaSchedule {
         let scale = (sigma * sigma + 1.0).sqrt();
         sample.iter().map(|x| x / scale).collect()
     }
+}
+
+/// `np.log(sigmas)` of the float32 training σ table (float32, as numpy keeps it).
+pub(super) fn log_sigmas(train_sigmas: &[f32]) -> Vec<f32> {
+    train_sigmas
+        .iter()
+        .map(|s| f64::from(*s).ln() as f32)
+        .collect()
+}
+
+/// `_convert_to_karras`: n sigmas with σ^(1/ρ) evenly spaced from σ_max to σ_min, ρ = 7
+/// (Karras et al. 2022, eq. 5), in f64 like numpy.
+pub(super) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let min_inv_rho = sigma_min.powf(1.0 / rho);
+    let max_inv_rho = sigma_max.powf(1.0 / rho);
+    schedule::linspace(0.0, 1.0, n)
+        .iter()
+        .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho))
+        .collect()
+}
+
+/// `_sigma_to_t`: the fractional training timestep whose σ is `sigma`, interpolating linearly in
+/// log σ between the two bracketing training steps (clamped to the table's range).
+pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    // cumsum(dists >= 0).argmax(): the last index whose log σ is <= log_sigma (0 if none).
+    let low_idx = log_sigmas
+        .iter()
+        .rposition(|l| log_sigma - f64::from(*l) >= 0.0)
+        .unwrap_or(0)
+        .min(log_sigmas.len() - 2);
+    let high_idx = low_idx + 1;
+    let low = f64::from(log_sigmas[low_idx]);
+    let high = f64::from(log_sigmas[high_idx]);
+    let w = ((low - log_sigma) / (low - high)).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * high_idx as f64
 }
 
 /// `np.interp(x, arange(len(fp)), fp)`: piecewise-linear in f64, clamped at both ends.
