@@ -58,7 +58,7 @@ demo: setup
 build: setup
 	cargo build --workspace --bins
 
-test: setup build buf-lint
+test: setup build buf-lint lint
 	cargo fmt --all -- --check
 	cargo test --workspace --no-fail-fast
 

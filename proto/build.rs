@@ -23,6 +23,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     tonic_prost_build::configure()
+        // `bytes` fields as `bytes::Bytes`: tensor payloads are shared, not copied, when a
+        // message is cloned (the sampling loop re-sends the same text context every step).
+        .bytes(".")
         .file_descriptor_set_path(out_dir.join("sd_descriptor.bin"))
         .compile_protos(PROTOS, &["."])?;
     Ok(())

@@ -180,8 +180,14 @@ impl Pipeline {
         let sigma = scheduler.init_noise_sigma();
         let mut latents: Vec<f32> = rng.randn(numel).into_iter().map(|x| x * sigma).collect();
 
-        let guidance = if params.uses_guidance() {
+        let guided = params.uses_guidance();
+        let guidance = if guided {
             vec![params.guidance_scale; n as usize]
+        } else {
+            vec![]
+        };
+        let rescale = if guided && params.guidance_rescale > 0.0 {
+            vec![params.guidance_rescale; n as usize]
         } else {
             vec![]
         };
@@ -194,6 +200,7 @@ impl Pipeline {
                 timesteps: Some(Tensor::from_f32(&[n], &vec![t; n as usize])),
                 encoder_hidden_states: Some(context.clone()),
                 guidance_scale: guidance.clone(),
+                guidance_rescale: rescale.clone(),
             };
             let response = self
                 .denoiser
@@ -264,11 +271,20 @@ impl Pipeline {
         } else {
             vec![params.prompt.clone()]
         };
+        // diffusers' encode_prompt applies clip_skip to the prompt only.
+        let clip_skip = if guided {
+            vec![0, params.clip_skip]
+        } else {
+            vec![params.clip_skip]
+        };
         let response = self
             .text_encoder
             .call("encode", |ch| {
                 let request = EncodeRequest {
                     prompts: prompts.clone(),
+                    clip_skip: clip_skip.clone(),
+                    long_prompt: params.long_prompt,
+                    prompt_weighting: params.prompt_weighting,
                 };
                 async move { stages::text_encoder(ch).encode(request).await }
             })

@@ -2,7 +2,7 @@
 //! destructured, so a field added to the proto fails to compile here until it is handled.
 //! Each refusal is INVALID_ARGUMENT naming the field.
 
-use sd_proto::v1::{GenerateRequest, OutputFormat};
+use sd_proto::v1::{GenerateRequest, OutputFormat, SchedulerOptions};
 use tonic::Status;
 
 /// Server-side bounds and defaults for requests.
@@ -45,6 +45,9 @@ impl Default for Limits {
     }
 }
 
+/// Upper bound on `clip_skip` checked here; the text encoder checks it against its own depth.
+pub const MAX_CLIP_SKIP: u32 = 64;
+
 /// A validated request. Width and height stay optional until the model's native size is known.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Params {
@@ -59,6 +62,16 @@ pub struct Params {
     pub scheduler: String,
     pub num_images: u32,
     pub output_format: OutputFormat,
+    /// Layers skipped at the end of the text encoder (0: none).
+    pub clip_skip: u32,
+    /// Chunked encoding of prompts beyond the text encoder's context.
+    pub long_prompt: bool,
+    /// Emphasis syntax in the prompts.
+    pub prompt_weighting: bool,
+    /// `rescale_noise_cfg` factor in [0, 1] (0: off).
+    pub guidance_rescale: f32,
+    /// Overrides of the model's scheduler configuration.
+    pub scheduler_options: SchedulerOptions,
 }
 
 impl Params {
@@ -86,6 +99,11 @@ pub fn validate(
         scheduler,
         num_images,
         output_format,
+        clip_skip,
+        long_prompt,
+        prompt_weighting,
+        guidance_rescale,
+        scheduler_options,
     } = request;
     let bad = |field: &str, why: String| Status::invalid_argument(format!("{field}: {why}"));
     for (field, text) in [("prompt", &prompt), ("negative_prompt", &negative_prompt)] {
@@ -121,6 +139,20 @@ pub fn validate(
         return Err(bad(
             "guidance_scale",
             format!("{guidance_scale} is not a finite number >= 0"),
+        ));
+    }
+    let guidance_rescale = guidance_rescale.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&guidance_rescale) {
+        return Err(bad(
+            "guidance_rescale",
+            format!("{guidance_rescale} is outside [0, 1]"),
+        ));
+    }
+    let clip_skip = clip_skip.unwrap_or(0);
+    if clip_skip > MAX_CLIP_SKIP {
+        return Err(bad(
+            "clip_skip",
+            format!("{clip_skip} is above {MAX_CLIP_SKIP}"),
         ));
     }
     let num_images = num_images.unwrap_or(1);
@@ -160,6 +192,11 @@ pub fn validate(
         scheduler,
         num_images,
         output_format,
+        clip_skip,
+        long_prompt,
+        prompt_weighting,
+        guidance_rescale,
+        scheduler_options: scheduler_options.unwrap_or_default(),
     })
 }
 

@@ -35,12 +35,23 @@ def main() -> None:
     p.add_argument("--width", type=int, required=True)
     p.add_argument("--height", type=int, required=True)
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
     a = p.parse_args()
 
     pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, requires_safety_checker=False)
     cls = getattr(diffusers, SCHEDULERS[a.scheduler])
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if not hasattr(pipe.text_encoder, "text_model"):
+        # transformers 5 flattened CLIPTextModel (no `.text_model`), but diffusers 0.42.1's
+        # clip_skip path still reads `text_encoder.text_model.final_layer_norm`: give it a view
+        # onto the same layer norm (a plain object, not a submodule, so nothing is registered).
+        import types
+
+        object.__setattr__(
+            pipe.text_encoder, "text_model", types.SimpleNamespace(final_layer_norm=pipe.text_encoder.final_layer_norm)
+        )
     generator = torch.Generator("cpu").manual_seed(a.seed)
     images = pipe(
         a.prompt,
@@ -51,6 +62,8 @@ def main() -> None:
         width=a.width,
         height=a.height,
         num_images_per_prompt=a.num_images,
+        clip_skip=a.clip_skip,
+        guidance_rescale=a.guidance_rescale,
         output_type="pil",
     ).images
     for i, image in enumerate(images):

@@ -52,6 +52,7 @@ struct Step {
     timesteps: Tensor,
     context: Tensor,
     guidance: Option<Tensor>,
+    rescale: Option<Tensor>,
 }
 
 impl Model {
@@ -74,6 +75,7 @@ impl Model {
             timesteps: Tensor::zeros([1], opts),
             context: Tensor::zeros([2, 77, width], opts),
             guidance: Some(Tensor::ones([1], opts)),
+            rescale: None,
         })?; // warm-up forward
         Ok(model)
     }
@@ -94,12 +96,30 @@ impl Model {
                     let halves = pred.chunk(2, 0);
                     let (uncond, cond) = (&halves[0], &halves[1]);
                     let scale = scale.to_device(self.device).view([-1, 1, 1, 1]);
-                    uncond + scale * (cond - uncond)
+                    let guided = uncond + scale * (cond - uncond);
+                    match step.rescale {
+                        None => guided,
+                        Some(rescale) => {
+                            rescale_noise_cfg(&guided, cond, &rescale.to_device(self.device))
+                        }
+                    }
                 }
             };
             Ok(out.to_kind(Kind::Float))
         })
     }
+}
+
+/// Pulls the guided prediction's standard deviation back towards the conditional one's:
+/// diffusers' `rescale_noise_cfg` (Lin et al. 2023, eq. 15-16), per sample, with torch's
+/// default unbiased standard deviation over all but the batch dimension.
+fn rescale_noise_cfg(guided: &Tensor, cond: &Tensor, rescale: &Tensor) -> Tensor {
+    let dims: &[i64] = &[1, 2, 3];
+    let std_cond = cond.std_dim(dims, true, true);
+    let std_guided = guided.std_dim(dims, true, true);
+    let rescaled = guided * (std_cond / std_guided);
+    let phi = rescale.view([-1, 1, 1, 1]);
+    &phi * rescaled + (1.0 - &phi) * guided
 }
 
 /// The gRPC service.
@@ -164,6 +184,23 @@ impl Denoiser {
                 req.guidance_scale.len()
             )));
         }
+        if !req.guidance_rescale.is_empty() {
+            if !guided || req.guidance_rescale.len() as i64 != b {
+                return Err(Status::invalid_argument(format!(
+                    "guidance_rescale: {} values, expected one per sample ({b}) and guidance_scale set",
+                    req.guidance_rescale.len()
+                )));
+            }
+            if let Some(r) = req
+                .guidance_rescale
+                .iter()
+                .find(|r| !(0.0..=1.0).contains(*r))
+            {
+                return Err(Status::invalid_argument(format!(
+                    "guidance_rescale: {r} is outside [0, 1]"
+                )));
+            }
+        }
         if let Some(g) = req.guidance_scale.iter().find(|g| !g.is_finite()) {
             return Err(Status::invalid_argument(format!(
                 "guidance_scale: {g} is not finite"
@@ -200,6 +237,8 @@ impl Denoiser {
             timesteps: Tensor::from_slice(&t_values),
             context: wire::to_tch(context, "encoder_hidden_states").map_err(status::tensor)?,
             guidance: guided.then(|| Tensor::from_slice(&req.guidance_scale)),
+            rescale: (!req.guidance_rescale.is_empty())
+                .then(|| Tensor::from_slice(&req.guidance_rescale)),
         })
     }
 }

@@ -66,11 +66,17 @@ impl Model {
             clip,
             device: args.device.0,
         };
-        let _warm_up = model.encode(&[String::new()])?;
+        let _warm_up = model.encode(&[String::new()], &[])?;
         Ok(model)
     }
 
-    fn encode(&self, prompts: &[String]) -> Result<(Tensor, Vec<u32>), ModelError> {
+    /// Tokenizes and encodes `prompts`; a `clip_skip` entry above 0 takes that prompt's hidden
+    /// states from an earlier layer (empty: 0 for every prompt).
+    fn encode(
+        &self,
+        prompts: &[String],
+        clip_skip: &[u32],
+    ) -> Result<(Tensor, Vec<u32>), ModelError> {
         let mut ids = Vec::with_capacity(prompts.len() * self.tokenizer.max_length());
         let mut truncated = Vec::with_capacity(prompts.len());
         for prompt in prompts {
@@ -84,7 +90,23 @@ impl Model {
         let input = Tensor::from_slice(&ids)
             .view([prompts.len() as i64, -1])
             .to_device(self.device);
-        let hidden = self.clip.forward(&input)?;
+        let hidden = match clip_skip.first() {
+            None => self.clip.forward(&input)?,
+            Some(&first) if clip_skip.iter().all(|&c| c == first) => {
+                self.clip.forward_hidden(&input, first as usize)?
+            }
+            Some(_) => {
+                let rows = clip_skip
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &skip)| {
+                        self.clip
+                            .forward_hidden(&input.narrow(0, i as i64, 1), skip as usize)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Tensor::cat(&rows, 0)
+            }
+        };
         Ok((hidden, truncated))
     }
 }
@@ -113,11 +135,28 @@ impl TextEncoderService for TextEncoder {
         if self.info.get().is_none() {
             return Err(status::warming_up(STAGE));
         }
-        let EncodeRequest { prompts } = request.into_inner();
+        let EncodeRequest {
+            prompts,
+            clip_skip,
+            long_prompt,
+            prompt_weighting,
+        } = request.into_inner();
         validate_prompts(&prompts)?;
+        if !clip_skip.is_empty() && clip_skip.len() != prompts.len() {
+            return Err(Status::invalid_argument(format!(
+                "clip_skip: {} values for {} prompts",
+                clip_skip.len(),
+                prompts.len()
+            )));
+        }
+        if long_prompt || prompt_weighting {
+            return Err(Status::unimplemented(
+                "long_prompt / prompt_weighting: not supported by this text-encoder version",
+            ));
+        }
         let (hidden, truncated) = self
             .worker
-            .run(move |m| m.encode(&prompts))
+            .run(move |m| m.encode(&prompts, &clip_skip))
             .await
             .map_err(status::worker)?
             .map_err(|e| status::model(STAGE, e))?;
