@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -73,6 +74,7 @@ CLASSES = {
     "dpmpp_2m_sde": DPMSolverMultistepScheduler,
     "pndm": PNDMScheduler,
     "heun": HeunDiscreteScheduler,
+    "ddpm": DDPMScheduler,
 }
 # Class arguments that make the sampler what our name says, on top of the case's overrides.
 CLASS_ARGS = {
@@ -130,6 +132,12 @@ for steps in (1, 2, 10, 50):
         ("sd2_v_leading_dpmpp_2m_sde", "dpmpp_2m_sde", SD2_V, steps, {}),
         ("zero_snr_trailing_dpmpp_2m_sde", "dpmpp_2m_sde", ZERO_SNR, steps, {}),
         ("sd1_karras_dpmpp_2m_sde", "dpmpp_2m_sde", SD1, steps, KARRAS),
+        ("sd1_ddpm", "ddpm", SD1, steps, {}),
+        ("sd2_v_ddpm", "ddpm", SD2_V, steps, {}),
+        ("zero_snr_trailing_ddpm", "ddpm", ZERO_SNR, steps, {}),
+        ("defaults_linspace_ddpm", "ddpm", DEFAULTS_LINSPACE, steps, {}),
+        ("cosine_sample_ddpm", "ddpm", COSINE_SAMPLE, steps, {}),
+        ("sd1_override_ddpm", "ddpm", SD1, steps, {"clip_sample": True, "timestep_spacing": "trailing"}),
     ]
     # Karras σ on a schedule whose σ_max is far above the next training σ (zero-SNR rescaling,
     # cosine) rounds the first two timesteps to the same value at many steps; diffusers'

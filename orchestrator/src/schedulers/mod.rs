@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod ddim;
+pub mod ddpm;
 pub mod dpmsolver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
@@ -121,6 +122,7 @@ pub const NAMES: &[&str] = &[
     "pndm",
     "heun",
     "dpmpp_2m_sde",
+    "ddpm",
 ];
 
 /// Our name for the diffusers scheduler class a model folder names in `_class_name`, so a model
@@ -135,6 +137,7 @@ pub fn name_for_class(class_name: Option<&str>) -> Option<&'static str> {
         "DPMSolverMultistepScheduler" => Some("dpmpp_2m"),
         "PNDMScheduler" => Some("pndm"),
         "HeunDiscreteScheduler" => Some("heun"),
+        "DDPMScheduler" => Some("ddpm"),
         _ => None,
     }
 }
@@ -185,6 +188,7 @@ pub fn build_with(
             )?,
         )),
         "pndm" => Ok(Box::new(pndm::PndmScheduler::new(config, steps)?)),
+        "ddpm" => Ok(Box::new(ddpm::DdpmScheduler::new(config, steps)?)),
         "heun" => Ok(Box::new(heun_discrete::HeunDiscreteScheduler::new(
             config, steps,
         )?)),
