@@ -32,6 +32,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
 )
 
@@ -75,6 +76,7 @@ CLASSES = {
     "pndm": PNDMScheduler,
     "heun": HeunDiscreteScheduler,
     "ddpm": DDPMScheduler,
+    "lms": LMSDiscreteScheduler,
 }
 # Class arguments that make the sampler what our name says, on top of the case's overrides.
 CLASS_ARGS = {
@@ -138,6 +140,13 @@ for steps in (1, 2, 10, 50):
         ("defaults_linspace_ddpm", "ddpm", DEFAULTS_LINSPACE, steps, {}),
         ("cosine_sample_ddpm", "ddpm", COSINE_SAMPLE, steps, {}),
         ("sd1_override_ddpm", "ddpm", SD1, steps, {"clip_sample": True, "timestep_spacing": "trailing"}),
+        # LMS integrates its coefficients with scipy.integrate.quad (scipy in requirements.txt).
+        ("sd1_lms", "lms", SD1, steps, {}),
+        ("sd2_v_leading_lms", "lms", SD2_V, steps, {}),
+        ("sample_clip_lms", "lms", SAMPLE_CLIP, steps, {}),
+        ("zero_snr_config_lms", "lms", ZERO_SNR, steps, {}),
+        ("sd1_karras_lms", "lms", SD1, steps, KARRAS),
+        ("trailing_override_lms", "lms", SD1, steps, {"timestep_spacing": "trailing"}),
     ]
     # Karras σ on a schedule whose σ_max is far above the next training σ (zero-SNR rescaling,
     # cosine) rounds the first two timesteps to the same value at many steps; diffusers'

@@ -17,6 +17,7 @@ pub mod dpmsolver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
 pub mod heun_discrete;
+pub mod lms_discrete;
 pub mod overrides;
 pub mod pndm;
 pub mod schedule;
@@ -123,6 +124,7 @@ pub const NAMES: &[&str] = &[
     "heun",
     "dpmpp_2m_sde",
     "ddpm",
+    "lms",
 ];
 
 /// Our name for the diffusers scheduler class a model folder names in `_class_name`, so a model
@@ -138,6 +140,7 @@ pub fn name_for_class(class_name: Option<&str>) -> Option<&'static str> {
         "PNDMScheduler" => Some("pndm"),
         "HeunDiscreteScheduler" => Some("heun"),
         "DDPMScheduler" => Some("ddpm"),
+        "LMSDiscreteScheduler" => Some("lms"),
         _ => None,
     }
 }
@@ -189,6 +192,9 @@ pub fn build_with(
         )),
         "pndm" => Ok(Box::new(pndm::PndmScheduler::new(config, steps)?)),
         "ddpm" => Ok(Box::new(ddpm::DdpmScheduler::new(config, steps)?)),
+        "lms" => Ok(Box::new(lms_discrete::LmsDiscreteScheduler::new(
+            config, steps,
+        )?)),
         "heun" => Ok(Box::new(heun_discrete::HeunDiscreteScheduler::new(
             config, steps,
         )?)),
@@ -276,7 +282,7 @@ mod tests {
         };
         let mut rng = TorchGenerator::new(0);
         let x = vec![0.5f32; 4];
-        for name in ["pndm", "dpmpp_2m", "heun"] {
+        for name in ["pndm", "dpmpp_2m", "dpmpp_2m_sde", "heun", "lms"] {
             let mut s = build(name, &config, 10).expect("builds");
             let err = s
                 .step(&x, 1, &x, &mut rng)
