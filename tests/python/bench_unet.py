@@ -108,7 +108,8 @@ def main() -> None:
     )
     print(f"machine: {cpu_model()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(
-        f"ms/step: mean {statistics.mean(times):.1f} min {min(times):.1f} max {max(times):.1f}"
+        f"ms/step: mean {statistics.mean(times):.1f} median {statistics.median(times):.1f} "
+        f"min {min(times):.1f} max {max(times):.1f}"
     )
 
 

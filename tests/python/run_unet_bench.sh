@@ -5,6 +5,8 @@
 #
 # Usage: tests/python/run_unet_bench.sh [MODEL_DIR] [extra args for both, e.g. --iters 10]
 # Defaults: MODEL_DIR=.cache/models/sd15-unet-random, 256x256, 1 warm-up, 5 timed steps, f32 CPU.
+# ROUNDS=N alternates the two N times (ours, diffusers, ours, ...), so a load spike from another
+# process hits both sides alike; compare medians and minimums.
 # Needs ~8 GB of RAM per run (3.4 GB of f32 weights + activations); run nothing heavy beside it.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -16,7 +18,10 @@ if [ ! -f "$model/unet/config.json" ]; then # create the weights before either i
     .venv/bin/python tests/python/bench_unet.py "$model" --warmup 0 --iters 1
 fi
 cargo build -q -p sd-cli --bin sd
-echo "== ours: target/debug/sd bench unet --model $model ${args[*]}"
-target/debug/sd bench unet --model "$model" "${args[@]}"
-echo "== diffusers: .venv/bin/python tests/python/bench_unet.py $model ${args[*]}"
-.venv/bin/python tests/python/bench_unet.py "$model" "${args[@]}" 2>&1 | grep -v -e torchvision -e accelerate -e '^```' -e '^\.$'
+for round in $(seq "${ROUNDS:-1}"); do
+    echo "== round $round, ours: target/debug/sd bench unet --model $model ${args[*]}"
+    target/debug/sd bench unet --model "$model" "${args[@]}"
+    echo "== round $round, diffusers: .venv/bin/python tests/python/bench_unet.py $model ${args[*]}"
+    .venv/bin/python tests/python/bench_unet.py "$model" "${args[@]}" 2>&1 \
+        | grep -v -e torchvision -e accelerate -e '^```' -e '^\.$'
+done

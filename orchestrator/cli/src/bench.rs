@@ -112,7 +112,15 @@ fn unet(a: UnetArgs) -> anyhow::Result<()> {
         cpu_model(),
         tch::get_num_threads()
     );
-    println!("ms/step: mean {mean:.1} min {min:.1} max {max:.1}");
+    times.sort_by(f64::total_cmp);
+    let mid = times.len() / 2;
+    // The median as Python's statistics.median takes it (mean of the middle two when even).
+    let median = if times.len() % 2 == 0 {
+        (times[mid - 1] + times[mid]) / 2.0
+    } else {
+        times[mid]
+    };
+    println!("ms/step: mean {mean:.1} median {median:.1} min {min:.1} max {max:.1}");
     Ok(())
 }
 
