@@ -173,7 +173,9 @@ fn sampling_loops_match_diffusers() {
         };
 
         let mut ac = schedulers::schedule::alphas_cumprod(&schedulers::schedule::betas(&effective));
-        if effective.rescale_betas_zero_snr && !matches!(case.scheduler.as_str(), "ddim" | "ddpm") {
+        if effective.rescale_betas_zero_snr
+            && !matches!(case.scheduler.as_str(), "ddim" | "ddpm" | "lcm")
+        {
             // The sigma schedulers replace ᾱ_T = 0 by 2^-24 (see schedulers::sigmas).
             if let Some(last) = ac.last_mut() {
                 *last = 2f64.powi(-24);

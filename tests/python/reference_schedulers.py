@@ -32,6 +32,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
 )
@@ -77,6 +78,7 @@ CLASSES = {
     "heun": HeunDiscreteScheduler,
     "ddpm": DDPMScheduler,
     "lms": LMSDiscreteScheduler,
+    "lcm": LCMScheduler,
 }
 # Class arguments that make the sampler what our name says, on top of the case's overrides.
 CLASS_ARGS = {
@@ -147,6 +149,12 @@ for steps in (1, 2, 10, 50):
         ("zero_snr_config_lms", "lms", ZERO_SNR, steps, {}),
         ("sd1_karras_lms", "lms", SD1, steps, KARRAS),
         ("trailing_override_lms", "lms", SD1, steps, {"timestep_spacing": "trailing"}),
+        ("sd1_lcm", "lcm", SD1, steps, {}),
+        ("sd2_v_lcm", "lcm", SD2_V, steps, {}),
+        ("zero_snr_lcm", "lcm", ZERO_SNR, steps, {}),
+        ("sample_clip_lcm", "lcm", SAMPLE_CLIP, steps, {}),
+        ("lcm_config_lcm", "lcm", {**SD1, "original_inference_steps": 100, "timestep_scaling": 5.0},
+         steps, {"set_alpha_to_one": False}),
     ]
     # Karras σ on a schedule whose σ_max is far above the next training σ (zero-SNR rescaling,
     # cosine) rounds the first two timesteps to the same value at many steps; diffusers'

@@ -85,6 +85,11 @@ pub struct SchedulerConfig {
     pub rescale_betas_zero_snr: bool,
     /// Sigma schedulers: `interpolation_type`.
     pub interpolation_type: InterpolationType,
+    /// LCM: `original_inference_steps`, the distillation schedule's length (LCMScheduler
+    /// default 50 when absent).
+    pub original_inference_steps: Option<usize>,
+    /// LCM: `timestep_scaling` of the consistency boundary condition (default 10 when absent).
+    pub timestep_scaling: Option<f64>,
     /// Sigma schedulers: `use_karras_sigmas` (Karras et al. 2022, eq. 5 σ spacing with ρ = 7).
     /// Schedulers without the option (DDIM, PNDM, ...) ignore it, as `from_config` does.
     pub use_karras_sigmas: bool,
@@ -115,6 +120,8 @@ impl Default for SchedulerConfig {
             timestep_spacing: None,
             rescale_betas_zero_snr: false,
             interpolation_type: InterpolationType::Linear,
+            original_inference_steps: None,
+            timestep_scaling: None,
             use_karras_sigmas: false,
             unsupported_sigma_options: Vec::new(),
         }
@@ -210,6 +217,8 @@ impl SchedulerConfig {
                     ],
                 )?
                 .unwrap_or(d.interpolation_type),
+            original_inference_steps: fields.usize("original_inference_steps")?,
+            timestep_scaling: fields.f64("timestep_scaling")?,
             use_karras_sigmas: fields
                 .bool("use_karras_sigmas")?
                 .unwrap_or(d.use_karras_sigmas),

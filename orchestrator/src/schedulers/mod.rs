@@ -17,6 +17,7 @@ pub mod dpmsolver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
 pub mod heun_discrete;
+pub mod lcm;
 pub mod lms_discrete;
 pub mod overrides;
 pub mod pndm;
@@ -125,6 +126,7 @@ pub const NAMES: &[&str] = &[
     "dpmpp_2m_sde",
     "ddpm",
     "lms",
+    "lcm",
 ];
 
 /// Our name for the diffusers scheduler class a model folder names in `_class_name`, so a model
@@ -141,6 +143,7 @@ pub fn name_for_class(class_name: Option<&str>) -> Option<&'static str> {
         "HeunDiscreteScheduler" => Some("heun"),
         "DDPMScheduler" => Some("ddpm"),
         "LMSDiscreteScheduler" => Some("lms"),
+        "LCMScheduler" => Some("lcm"),
         _ => None,
     }
 }
@@ -192,6 +195,7 @@ pub fn build_with(
         )),
         "pndm" => Ok(Box::new(pndm::PndmScheduler::new(config, steps)?)),
         "ddpm" => Ok(Box::new(ddpm::DdpmScheduler::new(config, steps)?)),
+        "lcm" => Ok(Box::new(lcm::LcmScheduler::new(config, steps)?)),
         "lms" => Ok(Box::new(lms_discrete::LmsDiscreteScheduler::new(
             config, steps,
         )?)),
