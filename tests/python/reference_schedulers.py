@@ -35,6 +35,7 @@ from diffusers import (
     LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    UniPCMultistepScheduler,
 )
 
 SD1 = {
@@ -79,6 +80,7 @@ CLASSES = {
     "ddpm": DDPMScheduler,
     "lms": LMSDiscreteScheduler,
     "lcm": LCMScheduler,
+    "unipc": UniPCMultistepScheduler,
 }
 # Class arguments that make the sampler what our name says, on top of the case's overrides.
 CLASS_ARGS = {
@@ -155,6 +157,11 @@ for steps in (1, 2, 10, 50):
         ("sample_clip_lcm", "lcm", SAMPLE_CLIP, steps, {}),
         ("lcm_config_lcm", "lcm", {**SD1, "original_inference_steps": 100, "timestep_scaling": 5.0},
          steps, {"set_alpha_to_one": False}),
+        ("sd1_unipc", "unipc", SD1, steps, {}),
+        ("sd2_v_leading_unipc", "unipc", SD2_V, steps, {}),
+        ("zero_snr_trailing_unipc", "unipc", ZERO_SNR, steps, {}),
+        ("cosine_sample_unipc", "unipc", COSINE_SAMPLE, steps, {}),
+        ("sd1_karras_unipc", "unipc", SD1, steps, KARRAS),
     ]
     # Karras σ on a schedule whose σ_max is far above the next training σ (zero-SNR rescaling,
     # cosine) rounds the first two timesteps to the same value at many steps; diffusers'

@@ -43,106 +43,11 @@ impl DpmSolverMultistepScheduler {
         steps: usize,
         algorithm: Algorithm,
     ) -> Result<Self, SchedulerError> {
-        config.validate()?;
-        schedule::check_steps(steps, config)?;
         let name = match algorithm {
             Algorithm::DpmSolverPlusPlus => "dpmpp_2m",
             Algorithm::SdeDpmSolverPlusPlus => "dpmpp_2m_sde",
         };
-        if let Some((field, value)) = config.unsupported_sigma_options.first() {
-            return Err(SchedulerError::Config {
-                field: field.clone(),
-                message: format!("{value} is not supported by the {name} scheduler"),
-            });
-        }
-        let mut alphas_cumprod: Vec<f32> = schedule::alphas_cumprod(&schedule::betas(config))
-            .into_iter()
-            .map(|a| a as f32)
-            .collect();
-        if config.rescale_betas_zero_snr
-            && let Some(last) = alphas_cumprod.last_mut()
-        {
-            // As in __init__: keep σ_T finite.
-            *last = 2f32.powi(-24);
-        }
-        let t_train = config.num_train_timesteps;
-        let spacing = config.timestep_spacing_or(TimestepSpacing::Linspace);
-        // set_timesteps with lambda_min_clipped = -inf (so last_timestep = T): n + 1 points with
-        // the final (t = 0) one dropped, except for trailing spacing.
-        let timesteps: Vec<i64> = match spacing {
-            TimestepSpacing::Linspace => {
-                let step = (t_train - 1) as f64 / steps as f64;
-                (1..=steps)
-                    .rev()
-                    .map(|i| {
-                        let v = if i == steps {
-                            (t_train - 1) as f64
-                        } else {
-                            step * i as f64
-                        };
-                        v.round_ties_even() as i64
-                    })
-                    .collect()
-            }
-            TimestepSpacing::Leading => {
-                let ratio = (t_train / (steps + 1)) as i64;
-                (1..=steps as i64)
-                    .rev()
-                    .map(|i| i * ratio + config.steps_offset as i64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => schedule::timesteps(config, spacing, steps),
-        };
-        if let Some(t) = timesteps
-            .iter()
-            .find(|t| **t < 0 || **t as usize >= t_train)
-        {
-            return Err(SchedulerError::Config {
-                field: "steps_offset".into(),
-                message: format!(
-                    "{} puts timestep {t} outside [0, {t_train})",
-                    config.steps_offset
-                ),
-            });
-        }
-        // σ_t = √((1 − ᾱ_t)/ᾱ_t) in float32, like diffusers' torch expression.
-        let train_sigmas: Vec<f32> = alphas_cumprod
-            .iter()
-            .map(|a| ((1.0 - a) / a).sqrt())
-            .collect();
-        let (timesteps, mut sigmas): (Vec<f32>, Vec<f32>) = if config.use_karras_sigmas {
-            // set_timesteps' use_karras_sigmas branch: Karras σ between the training σ_min and
-            // σ_max, timesteps read back with _sigma_to_t and rounded (truncated to int64 for
-            // the cosine schedule, which diffusers leaves unrounded).
-            let log_sigmas = log_sigmas(&train_sigmas);
-            let karras = karras_sigmas(
-                f64::from(train_sigmas[0]),
-                f64::from(train_sigmas[t_train - 1]),
-                steps,
-            );
-            let cosine = config.trained_betas.is_none()
-                && config.beta_schedule == BetaSchedule::SquaredCosCapV2;
-            let ts = karras
-                .iter()
-                .map(|s| {
-                    let t = sigma_to_t(*s, &log_sigmas);
-                    (if cosine {
-                        t.trunc()
-                    } else {
-                        t.round_ties_even()
-                    }) as f32
-                })
-                .collect();
-            (ts, karras.iter().map(|s| *s as f32).collect())
-        } else {
-            // np.interp at integer timesteps reads the training σ_t exactly.
-            let sigmas = timesteps
-                .iter()
-                .map(|t| train_sigmas[*t as usize])
-                .collect();
-            (timesteps.iter().map(|t| *t as f32).collect(), sigmas)
-        };
-        sigmas.push(0.0);
+        let (timesteps, sigmas) = multistep_schedule(config, steps, name, true)?;
         Ok(Self {
             algorithm,
             timesteps,
@@ -159,15 +64,122 @@ impl DpmSolverMultistepScheduler {
     }
 }
 
+/// Timesteps and σ (plus the final 0) of `DPMSolverMultistepScheduler.set_timesteps` and
+/// `UniPCMultistepScheduler.set_timesteps` (identical but for `cosine_unrounded`: DPM-Solver
+/// leaves Karras timesteps of the cosine schedule unrounded). `name` names the caller in errors.
+pub(super) fn multistep_schedule(
+    config: &SchedulerConfig,
+    steps: usize,
+    name: &str,
+    cosine_unrounded: bool,
+) -> Result<(Vec<f32>, Vec<f32>), SchedulerError> {
+    config.validate()?;
+    schedule::check_steps(steps, config)?;
+    if let Some((field, value)) = config.unsupported_sigma_options.first() {
+        return Err(SchedulerError::Config {
+            field: field.clone(),
+            message: format!("{value} is not supported by the {name} scheduler"),
+        });
+    }
+    let mut alphas_cumprod: Vec<f32> = schedule::alphas_cumprod(&schedule::betas(config))
+        .into_iter()
+        .map(|a| a as f32)
+        .collect();
+    if config.rescale_betas_zero_snr
+        && let Some(last) = alphas_cumprod.last_mut()
+    {
+        // As in __init__: keep σ_T finite.
+        *last = 2f32.powi(-24);
+    }
+    let t_train = config.num_train_timesteps;
+    let spacing = config.timestep_spacing_or(TimestepSpacing::Linspace);
+    // set_timesteps with lambda_min_clipped = -inf (so last_timestep = T): n + 1 points with
+    // the final (t = 0) one dropped, except for trailing spacing.
+    let timesteps: Vec<i64> = match spacing {
+        TimestepSpacing::Linspace => {
+            let step = (t_train - 1) as f64 / steps as f64;
+            (1..=steps)
+                .rev()
+                .map(|i| {
+                    let v = if i == steps {
+                        (t_train - 1) as f64
+                    } else {
+                        step * i as f64
+                    };
+                    v.round_ties_even() as i64
+                })
+                .collect()
+        }
+        TimestepSpacing::Leading => {
+            let ratio = (t_train / (steps + 1)) as i64;
+            (1..=steps as i64)
+                .rev()
+                .map(|i| i * ratio + config.steps_offset as i64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => schedule::timesteps(config, spacing, steps),
+    };
+    if let Some(t) = timesteps
+        .iter()
+        .find(|t| **t < 0 || **t as usize >= t_train)
+    {
+        return Err(SchedulerError::Config {
+            field: "steps_offset".into(),
+            message: format!(
+                "{} puts timestep {t} outside [0, {t_train})",
+                config.steps_offset
+            ),
+        });
+    }
+    // σ_t = √((1 − ᾱ_t)/ᾱ_t) in float32, like diffusers' torch expression.
+    let train_sigmas: Vec<f32> = alphas_cumprod
+        .iter()
+        .map(|a| ((1.0 - a) / a).sqrt())
+        .collect();
+    let (timesteps, mut sigmas): (Vec<f32>, Vec<f32>) = if config.use_karras_sigmas {
+        // set_timesteps' use_karras_sigmas branch: Karras σ between the training σ_min and
+        // σ_max, timesteps read back with _sigma_to_t and rounded (DPM-Solver truncates
+        // them to int64 for the cosine schedule, which it leaves unrounded).
+        let log_sigmas = log_sigmas(&train_sigmas);
+        let karras = karras_sigmas(
+            f64::from(train_sigmas[0]),
+            f64::from(train_sigmas[t_train - 1]),
+            steps,
+        );
+        let cosine = cosine_unrounded && config.beta_schedule == BetaSchedule::SquaredCosCapV2;
+        let ts = karras
+            .iter()
+            .map(|s| {
+                let t = sigma_to_t(*s, &log_sigmas);
+                (if cosine {
+                    t.trunc()
+                } else {
+                    t.round_ties_even()
+                }) as f32
+            })
+            .collect();
+        (ts, karras.iter().map(|s| *s as f32).collect())
+    } else {
+        // np.interp at integer timesteps reads the training σ_t exactly.
+        let sigmas = timesteps
+            .iter()
+            .map(|t| train_sigmas[*t as usize])
+            .collect();
+        (timesteps.iter().map(|t| *t as f32).collect(), sigmas)
+    };
+    sigmas.push(0.0);
+    Ok((timesteps, sigmas))
+}
+
 /// `_sigma_to_alpha_sigma_t`: (α_t, σ_t) of the VP process from the VE σ:
 /// α_t = 1/√(σ²+1), σ_t = σ·α_t.
-fn alpha_sigma(sigma: f32) -> (f32, f32) {
+pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
 }
 
 /// λ = log α_t − log σ_t, the half log-SNR DPM-Solver steps in.
-fn lambda(alpha: f32, sigma: f32) -> f32 {
+pub(super) fn lambda(alpha: f32, sigma: f32) -> f32 {
     alpha.ln() - sigma.ln()
 }
 

@@ -23,6 +23,7 @@ pub mod overrides;
 pub mod pndm;
 pub mod schedule;
 pub mod sigmas;
+pub mod unipc_multistep;
 
 pub use config::{
     BetaSchedule, InterpolationType, PredictionType, SchedulerConfig, TimestepSpacing,
@@ -127,6 +128,7 @@ pub const NAMES: &[&str] = &[
     "ddpm",
     "lms",
     "lcm",
+    "unipc",
 ];
 
 /// Our name for the diffusers scheduler class a model folder names in `_class_name`, so a model
@@ -144,6 +146,7 @@ pub fn name_for_class(class_name: Option<&str>) -> Option<&'static str> {
         "DDPMScheduler" => Some("ddpm"),
         "LMSDiscreteScheduler" => Some("lms"),
         "LCMScheduler" => Some("lcm"),
+        "UniPCMultistepScheduler" => Some("unipc"),
         _ => None,
     }
 }
@@ -196,6 +199,9 @@ pub fn build_with(
         "pndm" => Ok(Box::new(pndm::PndmScheduler::new(config, steps)?)),
         "ddpm" => Ok(Box::new(ddpm::DdpmScheduler::new(config, steps)?)),
         "lcm" => Ok(Box::new(lcm::LcmScheduler::new(config, steps)?)),
+        "unipc" => Ok(Box::new(unipc_multistep::UniPcMultistepScheduler::new(
+            config, steps,
+        )?)),
         "lms" => Ok(Box::new(lms_discrete::LmsDiscreteScheduler::new(
             config, steps,
         )?)),
@@ -286,7 +292,7 @@ mod tests {
         };
         let mut rng = TorchGenerator::new(0);
         let x = vec![0.5f32; 4];
-        for name in ["pndm", "dpmpp_2m", "dpmpp_2m_sde", "heun", "lms"] {
+        for name in ["pndm", "dpmpp_2m", "dpmpp_2m_sde", "heun", "lms", "unipc"] {
             let mut s = build(name, &config, 10).expect("builds");
             let err = s
                 .step(&x, 1, &x, &mut rng)

@@ -12,7 +12,7 @@ use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpaci
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SchedulerOverrides {
     /// Karras et al. 2022 σ spacing (sigma schedulers: euler, heun, dpmpp_2m, dpmpp_2m_sde,
-    /// lms; diffusers' Euler ancestral has no such option).
+    /// lms, unipc; diffusers' Euler ancestral has no such option).
     pub use_karras_sigmas: Option<bool>,
     pub timestep_spacing: Option<TimestepSpacing>,
     pub steps_offset: Option<usize>,
@@ -62,7 +62,7 @@ pub fn supported_options(scheduler: &str) -> Vec<&'static str> {
         "lms" => &["use_karras_sigmas"],
         "pndm" => &["set_alpha_to_one"],
         "ddpm" => &["rescale_betas_zero_snr", "clip_sample"],
-        "unipc" => &["rescale_betas_zero_snr"],
+        "unipc" => &["use_karras_sigmas", "rescale_betas_zero_snr"],
         "lcm" => &["rescale_betas_zero_snr", "clip_sample", "set_alpha_to_one"],
         _ => &[],
     };
