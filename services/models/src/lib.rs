@@ -10,6 +10,7 @@ pub mod clip;
 pub mod device;
 pub mod embeddings;
 pub mod error;
+pub mod prompt_weighting;
 pub mod resnet;
 pub mod tokenizer;
 pub mod unet_2d_blocks;

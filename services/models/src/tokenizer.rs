@@ -148,29 +148,63 @@ impl ClipTokenizer {
         self.pad_id
     }
 
+    /// Id of the start token (`<|startoftext|>`).
+    pub fn bos_id(&self) -> i64 {
+        self.bos_id
+    }
+
+    /// Id of the end token (`<|endoftext|>`).
+    pub fn eos_id(&self) -> i64 {
+        self.eos_id
+    }
+
+    /// Content tokens one row has room for: `max_length - 2` (75 for SD), the length of a
+    /// long prompt's chunk.
+    pub fn chunk_length(&self) -> usize {
+        self.max_length - 2
+    }
+
     /// Tokenizes one prompt into exactly [`Self::max_length`] ids: start token, the first
     /// `max_length - 2` content tokens, end token, padding. Same as transformers'
     /// `tokenizer(prompt, padding="max_length", max_length=..., truncation=True)`.
     pub fn encode(&self, prompt: &str) -> Result<TokenizedPrompt, ModelError> {
+        let content = self.tokenize(prompt)?;
+        let kept = content.len().min(self.chunk_length());
+        Ok(TokenizedPrompt {
+            ids: self.frame(&content[..kept]),
+            truncated: content.len() - kept,
+        })
+    }
+
+    /// The content token ids of `text`: no start/end token, no truncation, no padding.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<i64>, ModelError> {
         let encoding = self
             .tokenizer
-            .encode(prompt, false)
+            .encode(text, false)
             .map_err(|e| ModelError::Tokenizer {
                 path: self.dir.clone(),
                 message: format!("cannot tokenize prompt: {e}"),
             })?;
-        let content = encoding.get_ids();
-        let room = self.max_length - 2;
-        let kept = content.len().min(room);
+        Ok(encoding.get_ids().iter().map(|&i| i64::from(i)).collect())
+    }
+
+    /// One row of exactly [`Self::max_length`] ids around `content`: `[bos, content.., eos,
+    /// pad..]`. Content beyond [`Self::chunk_length`] is cut (callers chunk or count it first).
+    pub fn frame(&self, content: &[i64]) -> Vec<i64> {
+        let kept = content.len().min(self.chunk_length());
         let mut ids = Vec::with_capacity(self.max_length);
         ids.push(self.bos_id);
-        ids.extend(content[..kept].iter().map(|&i| i64::from(i)));
+        ids.extend_from_slice(&content[..kept]);
         ids.push(self.eos_id);
         ids.resize(self.max_length, self.pad_id);
-        Ok(TokenizedPrompt {
-            ids,
-            truncated: content.len() - kept,
-        })
+        ids
+    }
+
+    /// The vocabulary string of `id` (`a</w>`, `<|startoftext|>`), or `None` outside it.
+    pub fn id_to_token(&self, id: i64) -> Option<String> {
+        u32::try_from(id)
+            .ok()
+            .and_then(|id| self.tokenizer.id_to_token(id))
     }
 }
 
@@ -355,6 +389,33 @@ mod tests {
         assert_eq!(out.truncated, 2);
         let out = tok.encode("").unwrap();
         assert_eq!(out.ids, vec![BOS, EOS, EOS, EOS, EOS, EOS, EOS, EOS]);
+    }
+
+    #[test]
+    fn tokenize_frame_and_vocabulary_strings() {
+        let dir = tempfile::tempdir().unwrap();
+        toy_folder(dir.path(), "<|endoftext|>", 8);
+        let tok = ClipTokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(
+            (tok.bos_id(), tok.eos_id(), tok.chunk_length()),
+            (BOS, EOS, 6)
+        );
+        // No truncation in `tokenize`; `frame` cuts to the chunk length.
+        let content = tok.tokenize("cat dog cat dog cat dog cat dog").unwrap();
+        assert_eq!(content.len(), 8);
+        assert_eq!(
+            tok.frame(&content[6..]),
+            vec![BOS, CAT, DOG, EOS, EOS, EOS, EOS, EOS]
+        );
+        assert_eq!(tok.frame(&[]), tok.encode("").unwrap().ids);
+        assert_eq!(
+            tok.frame(&content),
+            tok.encode("cat dog cat dog cat dog cat dog").unwrap().ids
+        );
+        assert_eq!(tok.id_to_token(CAT).as_deref(), Some("cat</w>"));
+        assert_eq!(tok.id_to_token(BOS).as_deref(), Some("<|startoftext|>"));
+        assert_eq!(tok.id_to_token(-1), None);
+        assert_eq!(tok.id_to_token(1 << 40), None);
     }
 
     #[test]
