@@ -1,6 +1,10 @@
 //! Parity of the schedulers with diffusers 0.42.1: `tests/python/reference_schedulers.py` runs
 //! each configuration's full sampling loop in diffusers with a deterministic fake U-Net, and this
-//! test runs the same loop through `sd_orchestrator::schedulers`.
+//! test runs the same loop through `sd_orchestrator::schedulers`. A case's overrides go to
+//! `from_config(config, **overrides)` there and through `SchedulerOverrides::set` +
+//! `build_with` here; stochastic samplers (DDIM η > 0, Euler ancestral, DPM++ 2M SDE, DDPM, LCM)
+//! draw the initial latents and then each step's noise from one seeded torch CPU generator on
+//! both sides.
 //!
 //! Compared: timesteps exactly (fractional Karras timesteps within `TIMESTEP_TOL`); σ schedules
 //! within `SIGMAS_TOL` relative; `add_noise` at the middle step within `ADD_NOISE_TOL`; ᾱ (alphas_cumprod) within 1e-6 relative (we compute the table

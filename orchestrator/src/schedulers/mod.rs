@@ -316,6 +316,76 @@ mod tests {
     }
 
     #[test]
+    fn build_with_rejects_options_the_scheduler_lacks() {
+        let config = SchedulerConfig::default();
+        let karras = SchedulerOverrides {
+            use_karras_sigmas: Some(true),
+            ..SchedulerOverrides::default()
+        };
+        for name in ["ddim", "pndm", "ddpm", "lcm", "euler_ancestral"] {
+            let Err(err) = build_with(name, &config, &karras, 10) else {
+                panic!("{name} accepted use_karras_sigmas");
+            };
+            let msg = err.to_string();
+            assert!(
+                msg.contains("use_karras_sigmas") && msg.contains(name),
+                "{name}: {msg}"
+            );
+        }
+        for name in ["euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lms", "unipc"] {
+            let s = build_with(name, &config, &karras, 10).expect("karras builds");
+            // Karras spacing ends at the training σ_min, not at the σ of the last timestep.
+            let plain = build(name, &config, 10).expect("builds");
+            assert_ne!(s.sigmas(), plain.sigmas(), "{name}");
+        }
+        let eta = SchedulerOverrides {
+            eta: Some(0.5),
+            ..SchedulerOverrides::default()
+        };
+        let Err(err) = build_with("euler", &config, &eta, 10) else {
+            panic!("euler accepted eta");
+        };
+        assert!(err.to_string().contains("eta"), "{err}");
+        build_with("ddim", &config, &eta, 10).expect("ddim takes eta");
+    }
+
+    #[test]
+    fn every_name_has_a_class_and_options() {
+        for class in [
+            "DDIMScheduler",
+            "DDPMScheduler",
+            "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "HeunDiscreteScheduler",
+            "LMSDiscreteScheduler",
+            "DPMSolverMultistepScheduler",
+            "PNDMScheduler",
+            "UniPCMultistepScheduler",
+            "LCMScheduler",
+        ] {
+            let name = name_for_class(Some(class)).expect("mapped");
+            assert!(NAMES.contains(&name), "{class} -> {name}");
+        }
+        for name in NAMES {
+            assert!(
+                overrides::supported_options(name).contains(&"timestep_spacing"),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn lcm_rejects_more_steps_than_its_distillation_schedule() {
+        let Err(err) = build("lcm", &SchedulerConfig::default(), 51) else {
+            panic!("51 LCM steps accepted");
+        };
+        assert!(
+            err.to_string().contains("original_inference_steps"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn steps_out_of_range_are_rejected() {
         let config = SchedulerConfig::default();
         for steps in [0, config.num_train_timesteps + 1] {

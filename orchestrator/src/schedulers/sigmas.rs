@@ -1,5 +1,5 @@
 //! The σ (noise-level) schedule shared by the k-diffusion style samplers (Euler, Euler
-//! ancestral), following `EulerDiscreteScheduler.__init__` / `set_timesteps` in diffusers 0.42.1.
+//! ancestral, Heun, LMS), with optional Karras spacing, following `EulerDiscreteScheduler.__init__` / `set_timesteps` in diffusers 0.42.1.
 //!
 //! These samplers work on x = x₀ + σ·ε (Karras et al. 2022, "Elucidating the Design Space",
 //! eq. 1 with s(t) = 1), where σ_t = √((1 − ᾱ_t)/ᾱ_t); the U-Net still expects the DDPM scaling,
