@@ -1,11 +1,11 @@
 //! The text-encoder stage: CLIP tokenizer + CLIP text transformer behind
-//! `sd.stage.v1.TextEncoderService`. Prompts in, last hidden states out.
+//! `sd.stage.v1.TextEncoderService`. Prompts in, last hidden states out; long prompts and
+//! emphasis weights on request ([`prompts`]).
 
-use sd_models::{
-    ModelError,
-    clip::ClipTextModel,
-    tokenizer::{ClipTokenizer, TokenizedPrompt},
-};
+pub mod prompts;
+
+use prompts::{Batch, Options};
+use sd_models::{ModelError, clip::ClipTextModel, prompt_weighting, tokenizer::ClipTokenizer};
 use sd_proto::{
     service_names,
     stage::{
@@ -66,30 +66,30 @@ impl Model {
             clip,
             device: args.device.0,
         };
-        let _warm_up = model.encode(&[String::new()], &[])?;
+        let _warm_up = model.encode(&[String::new()], &[], Options::default())?;
         Ok(model)
     }
 
-    /// Tokenizes and encodes `prompts`; a `clip_skip` entry above 0 takes that prompt's hidden
-    /// states from an earlier layer (empty: 0 for every prompt).
+    /// Tokenizes and encodes `prompts` into `[prompts, chunks * max_length, hidden]`; a
+    /// `clip_skip` entry above 0 takes that prompt's hidden states from an earlier layer
+    /// (empty: 0 for every prompt), for each of its chunks. Returns the truncated token counts.
     fn encode(
         &self,
         prompts: &[String],
         clip_skip: &[u32],
+        options: Options,
     ) -> Result<(Tensor, Vec<u32>), ModelError> {
-        let mut ids = Vec::with_capacity(prompts.len() * self.tokenizer.max_length());
-        let mut truncated = Vec::with_capacity(prompts.len());
-        for prompt in prompts {
-            let TokenizedPrompt {
-                ids: row,
-                truncated: dropped,
-            } = self.tokenizer.encode(prompt)?;
-            ids.extend(row);
-            truncated.push(dropped as u32);
-        }
-        let input = Tensor::from_slice(&ids)
-            .view([prompts.len() as i64, -1])
-            .to_device(self.device);
+        let Batch {
+            ids,
+            weights,
+            chunks,
+            row_length,
+            truncated,
+        } = prompts::plan(&self.tokenizer, prompts, options)?;
+        let (n, k, l) = (prompts.len() as i64, chunks as i64, row_length as i64);
+        let input = Tensor::f_from_slice(&ids)?
+            .f_view([n * k, l])?
+            .f_to_device(self.device)?;
         let hidden = match clip_skip.first() {
             None => self.clip.forward(&input)?,
             Some(&first) if clip_skip.iter().all(|&c| c == first) => {
@@ -101,12 +101,19 @@ impl Model {
                     .enumerate()
                     .map(|(i, &skip)| {
                         self.clip
-                            .forward_hidden(&input.narrow(0, i as i64, 1), skip as usize)
+                            .forward_hidden(&input.f_narrow(0, i as i64 * k, k)?, skip as usize)
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                Tensor::cat(&rows, 0)
+                Tensor::f_cat(&rows, 0)?
             }
         };
+        let hidden = if options.prompt_weighting {
+            prompt_weighting::apply_weights(&hidden, &weights)?
+        } else {
+            hidden
+        };
+        // Prompt-major rows: [n * k, l, d] -> [n, k * l, d] concatenates each prompt's chunks.
+        let hidden = hidden.f_reshape([n, k * l, -1])?;
         Ok((hidden, truncated))
     }
 }
@@ -149,14 +156,13 @@ impl TextEncoderService for TextEncoder {
                 prompts.len()
             )));
         }
-        if long_prompt || prompt_weighting {
-            return Err(Status::unimplemented(
-                "long_prompt / prompt_weighting: not supported by this text-encoder version",
-            ));
-        }
+        let options = Options {
+            long_prompt,
+            prompt_weighting,
+        };
         let (hidden, truncated) = self
             .worker
-            .run(move |m| m.encode(&prompts, &clip_skip))
+            .run(move |m| m.encode(&prompts, &clip_skip, options))
             .await
             .map_err(status::worker)?
             .map_err(|e| status::model(STAGE, e))?;
