@@ -85,6 +85,8 @@ pub struct SchedulerConfig {
     pub rescale_betas_zero_snr: bool,
     /// Sigma schedulers: `interpolation_type`.
     pub interpolation_type: InterpolationType,
+    /// DDPM: `variance_type` as written (DDPMScheduler default "fixed_small" when absent).
+    pub variance_type: Option<String>,
     /// LCM: `original_inference_steps`, the distillation schedule's length (LCMScheduler
     /// default 50 when absent).
     pub original_inference_steps: Option<usize>,
@@ -120,6 +122,7 @@ impl Default for SchedulerConfig {
             timestep_spacing: None,
             rescale_betas_zero_snr: false,
             interpolation_type: InterpolationType::Linear,
+            variance_type: None,
             original_inference_steps: None,
             timestep_scaling: None,
             use_karras_sigmas: false,
@@ -217,6 +220,7 @@ impl SchedulerConfig {
                     ],
                 )?
                 .unwrap_or(d.interpolation_type),
+            variance_type: fields.string("variance_type")?,
             original_inference_steps: fields.usize("original_inference_steps")?,
             timestep_scaling: fields.f64("timestep_scaling")?,
             use_karras_sigmas: fields

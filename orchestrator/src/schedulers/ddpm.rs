@@ -24,6 +24,20 @@ impl DdpmScheduler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self, SchedulerError> {
         config.validate()?;
         schedule::check_steps(steps, config)?;
+        // The learned/large variances are for pixel-space models (DeepFloyd IF, unCLIP); refuse
+        // them rather than sample differently from the reference.
+        if let Some(v) = config
+            .variance_type
+            .as_deref()
+            .filter(|v| *v != "fixed_small")
+        {
+            return Err(SchedulerError::Config {
+                field: "variance_type".into(),
+                message: format!(
+                    "{v:?} is not supported by the ddpm scheduler (valid: fixed_small)"
+                ),
+            });
+        }
         let alphas_cumprod: Vec<f32> = schedule::alphas_cumprod(&schedule::betas(config))
             .into_iter()
             .map(|a| a as f32)

@@ -375,6 +375,18 @@ mod tests {
     }
 
     #[test]
+    fn ddpm_rejects_learned_variances() {
+        let config =
+            SchedulerConfig::from_json(r#"{"variance_type": "learned_range"}"#).expect("valid");
+        let Err(err) = build("ddpm", &config, 10) else {
+            panic!("learned_range accepted");
+        };
+        assert!(err.to_string().contains("variance_type"), "{err}");
+        // Other schedulers ignore the key, as from_config does.
+        build("ddim", &config, 10).expect("ddim ignores variance_type");
+    }
+
+    #[test]
     fn lcm_rejects_more_steps_than_its_distillation_schedule() {
         let Err(err) = build("lcm", &SchedulerConfig::default(), 51) else {
             panic!("51 LCM steps accepted");
