@@ -8,6 +8,7 @@
 mod bench;
 mod generate;
 mod local;
+mod tokenize;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Time model components in this process (no gRPC), e.g. `sd bench unet --model DIR`.
     Bench(bench::BenchArgs),
+    /// Show a prompt's token ids and vocabulary strings, as the text encoder tokenizes it
+    /// (`--bench`: tokenizer throughput).
+    Tokenize(tokenize::TokenizeArgs),
 }
 
 #[tokio::main]
@@ -39,6 +43,7 @@ async fn main() -> std::process::ExitCode {
     let outcome = match cli.command {
         Command::Generate(args) => generate::run(args).await,
         Command::Bench(args) => bench::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
