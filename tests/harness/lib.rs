@@ -84,14 +84,21 @@ pub struct Service {
     pub addr: String,
     child: Child,
     stderr: Arc<Mutex<String>>,
+    metrics: Arc<Mutex<Option<String>>>,
 }
 
 impl Service {
     /// Starts `binary` with `args` and waits for its `listening on` line.
     pub fn start(binary: &str, args: &[&str]) -> Service {
+        Self::start_with_env(binary, args, &[])
+    }
+
+    /// [`Service::start`] with extra environment variables (`OTEL_*`, `SD_METRICS_LISTEN`).
+    pub fn start_with_env(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Service {
         let mut child = Command::new(bin(binary))
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -106,8 +113,13 @@ impl Service {
         });
         let (tx, rx) = mpsc::channel();
         let out_pipe = child.stdout.take().unwrap();
+        let metrics = Arc::new(Mutex::new(None));
+        let metrics_sink = metrics.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("metrics on ") {
+                    *metrics_sink.lock().unwrap() = Some(addr.to_string());
+                }
                 if let Some(addr) = line.strip_prefix("listening on ") {
                     let _ = tx.send(addr.to_string());
                 }
@@ -128,7 +140,13 @@ impl Service {
             addr,
             child,
             stderr,
+            metrics,
         }
+    }
+
+    /// The address of the Prometheus endpoint (the `metrics on ADDR` line), if it serves one.
+    pub fn metrics_addr(&self) -> Option<String> {
+        self.metrics.lock().unwrap().clone()
     }
 
     /// `http://ADDR`.
@@ -190,9 +208,14 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the three stages on `model` and an orchestrator over them; waits until all serve.
     pub async fn start(model: &Path) -> Cluster {
+        Self::start_with_env(model, &[]).await
+    }
+
+    /// [`Cluster::start`] with extra environment variables for all four processes.
+    pub async fn start_with_env(model: &Path, env: &[(&str, &str)]) -> Cluster {
         let model = model.to_str().unwrap();
         let stage = |binary: &str| {
-            Service::start(
+            Service::start_with_env(
                 binary,
                 &[
                     "--listen",
@@ -202,6 +225,7 @@ impl Cluster {
                     "--device",
                     "cpu",
                 ],
+                env,
             )
         };
         let (mut te, mut dn, mut vae) = (
@@ -209,7 +233,7 @@ impl Cluster {
             stage("sd-denoiser"),
             stage("sd-vae"),
         );
-        let mut orch = Service::start(
+        let mut orch = Service::start_with_env(
             "sd-orchestrator",
             &[
                 "--listen",
@@ -223,6 +247,7 @@ impl Cluster {
                 "--default-steps",
                 "10",
             ],
+            env,
         );
         for s in [&mut te, &mut dn, &mut vae, &mut orch] {
             s.wait_serving(Duration::from_secs(120)).await;

@@ -39,12 +39,20 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    sd_server::init_logging(&cli.log);
+    // One process, one service name: `sd generate --local` hosts all four services here.
+    let telemetry = match sd_server::telemetry::init("sd", &cli.log).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let outcome = match cli.command {
         Command::Generate(args) => generate::run(args).await,
         Command::Bench(args) => bench::run(args),
         Command::Tokenize(args) => tokenize::run(args),
     };
+    telemetry.shutdown().await;
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -5,7 +5,15 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = sd_denoiser::Args::parse();
-    sd_server::init_logging(&args.log);
+    let telemetry = sd_server::telemetry::init("sd-denoiser", &args.log).await?;
     let listener = sd_server::bind(args.listen, "sd-denoiser").await?;
-    sd_denoiser::run(args.stage, listener, sd_server::shutdown_signal()).await
+    let outcome = sd_denoiser::run(
+        args.stage,
+        args.batch,
+        listener,
+        sd_server::shutdown_signal(),
+    )
+    .await;
+    telemetry.shutdown().await;
+    outcome
 }

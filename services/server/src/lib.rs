@@ -1,6 +1,7 @@
 //! What every binary of the system does the same way: bind a listener and say where, serve
 //! gRPC health and reflection next to its own service, stop gracefully on SIGTERM/SIGINT, and
-//! log as text or JSON.
+//! log as text or JSON, and take part in the system's telemetry ([`telemetry`]: traces with
+//! W3C context across every gRPC hop, metrics over OTLP and Prometheus).
 //!
 //! Services are libraries whose `run` takes an already-bound [`tokio::net::TcpListener`] and a
 //! shutdown future, so tests (and `sd generate --local`) can run them on `127.0.0.1:0`.
@@ -9,6 +10,9 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use tokio::net::TcpListener;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
+pub mod telemetry;
+
+pub use telemetry::TelemetryArgs;
 pub use tonic_health;
 
 /// Logging flags shared by every binary.
@@ -18,10 +22,14 @@ pub struct LogArgs {
     /// RUST_LOG (default `info`).
     #[arg(long, env = "SD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Traces and metrics (`OTEL_*` variables, `--metrics-listen`).
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
-/// Installs the global tracing subscriber (stderr). Safe to call more than once: later calls
-/// are ignored, which is what `sd generate --local` needs when it hosts several services.
+/// Installs a plain global tracing subscriber (stderr, no OpenTelemetry). Safe to call more
+/// than once: later calls are ignored. Binaries use [`telemetry::init`] instead, which also
+/// sets up traces and metrics; this stays for tools and tests that want logs only.
 pub fn init_logging(args: &LogArgs) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -127,22 +135,53 @@ pub fn reflection(
     Ok(builder.build_v1()?)
 }
 
-/// A tonic server builder with the settings every service shares.
+/// A tonic server builder with the settings every service shares. Each call is served inside
+/// a `grpc.server` span whose parent is the caller's W3C `traceparent`, and is timed into
+/// `rpc.server.call.duration` ([`telemetry::grpc`]).
 pub fn builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
+        .trace_fn(telemetry::grpc::server_span)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
 }
 
+/// The layers [`traced_builder`] adds to [`builder`].
+pub type Layers =
+    tower::layer::util::Stack<telemetry::grpc::GrpcStatusLayer, tower::layer::util::Identity>;
+
+/// A router made by [`traced_builder`].
+pub type TracedRouter = tonic::transport::server::Router<Layers>;
+
+/// [`builder`] plus [`telemetry::grpc::GrpcStatusLayer`], so every call's span also records
+/// its `rpc.grpc.status_code` and errors are counted per code. Its routers are
+/// [`TracedRouter`]s (a different type from `builder`'s, hence a separate function).
+pub fn traced_builder() -> tonic::transport::Server<Layers> {
+    builder().layer(telemetry::grpc::GrpcStatusLayer)
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Serves `router` on `listener` until `shutdown` resolves; marks `health` NOT_SERVING first
-/// so load balancers stop sending new work, then lets in-flight calls finish.
-pub async fn serve(
-    router: tonic::transport::server::Router,
+/// so load balancers stop sending new work, then lets in-flight calls finish. Takes routers
+/// of [`builder`] and of [`traced_builder`].
+pub async fn serve<L, ResBody>(
+    router: tonic::transport::server::Router<L>,
     listener: TcpListener,
     health: Health,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    L: tower::Layer<tonic::service::Routes>,
+    L::Service: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Future: Send,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Error: Into<BoxError> + Send,
+    ResBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let drain = async move {
         shutdown.await;

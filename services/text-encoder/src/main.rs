@@ -5,7 +5,9 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = sd_text_encoder::Args::parse();
-    sd_server::init_logging(&args.log);
+    let telemetry = sd_server::telemetry::init("sd-text-encoder", &args.log).await?;
     let listener = sd_server::bind(args.listen, "sd-text-encoder").await?;
-    sd_text_encoder::run(args.stage, listener, sd_server::shutdown_signal()).await
+    let outcome = sd_text_encoder::run(args.stage, listener, sd_server::shutdown_signal()).await;
+    telemetry.shutdown().await;
+    outcome
 }

@@ -5,7 +5,9 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = sd_vae::Args::parse();
-    sd_server::init_logging(&args.log);
+    let telemetry = sd_server::telemetry::init("sd-vae", &args.log).await?;
     let listener = sd_server::bind(args.listen, "sd-vae").await?;
-    sd_vae::run(args.stage, listener, sd_server::shutdown_signal()).await
+    let outcome = sd_vae::run(args.stage, listener, sd_server::shutdown_signal()).await;
+    telemetry.shutdown().await;
+    outcome
 }
