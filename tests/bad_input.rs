@@ -134,6 +134,21 @@ async fn invalid_requests_name_the_field() {
             err.message()
         );
     }
+    // A size the model cannot take (the tiny U-Net halves the latent once: 8 x 2 = 16).
+    let err = client
+        .generate(GenerateRequest {
+            width: Some(72),
+            ..ok_request()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("width: 72 is not a multiple of 16"),
+        "{}",
+        err.message()
+    );
     // The scheduler error lists the valid names.
     let err = client
         .generate(GenerateRequest {
@@ -175,8 +190,16 @@ async fn malformed_tensors_are_invalid_argument_and_the_stage_survives() {
         timesteps: Some(Tensor::from_f32(&[1], &[999.0])),
         encoder_hidden_states: Some(tensor(DataType::Float32, &[2, 77, 32], 2 * 77 * 32 * 4)),
         guidance_scale: vec![7.5],
+        guidance_rescale: vec![],
     };
     let cases: Vec<(&str, DenoiseRequest)> = vec![
+        (
+            "guidance_rescale",
+            DenoiseRequest {
+                guidance_rescale: vec![2.0],
+                ..good()
+            },
+        ),
         (
             "sample",
             DenoiseRequest {

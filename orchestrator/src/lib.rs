@@ -7,6 +7,7 @@
 //! - [`stages`]: clients of the stage replicas; [`schedulers`], [`rng`]: the sampling math.
 
 pub mod pipeline;
+pub mod preview;
 pub mod request;
 pub mod rng;
 pub mod schedulers;

@@ -7,26 +7,32 @@
 //! for each timestep `scale_model_input`, a (guided) model call and `scheduler.step`.
 
 use crate::{
+    preview,
     request::Params,
     rng::TorchGenerator,
     schedulers::{self, SchedulerConfig},
-    stages::{self, Stage},
+    stages::{self, Stage, request},
 };
 use sd_proto::{
     stage::{
         DecodeRequest, DenoiseRequest, DenoiserServiceInfoRequest, EncodeRequest, ImageEncoding,
         Tensor, TextEncoderServiceInfoRequest, VaeServiceInfoRequest,
     },
-    v1::{GenerateResponse, Image, OutputFormat, Progress},
+    v1::{GenerateResponse, Image, OutputFormat, Progress, StageTimings},
+};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
 };
 use tokio::sync::OnceCell;
 use tonic::Status;
+use tracing::Instrument;
 
 /// The three stages and what they said about their models.
 pub struct Pipeline {
-    pub text_encoder: Stage,
-    pub denoiser: Stage,
-    pub vae: Stage,
+    pub text_encoder: Arc<Stage>,
+    pub denoiser: Arc<Stage>,
+    pub vae: Arc<Stage>,
     models: OnceCell<Models>,
 }
 
@@ -38,12 +44,14 @@ pub struct Models {
     pub downsample_factor: u32,
     /// Native latent side of the U-Net.
     pub sample_size: u32,
+    /// Latent sides must be multiples of this (the U-Net's downsampling).
+    pub latent_multiple: u32,
     pub scheduler_config: SchedulerConfig,
     pub default_scheduler: String,
 }
 
 impl Pipeline {
-    pub fn new(text_encoder: Stage, denoiser: Stage, vae: Stage) -> Self {
+    pub fn new(text_encoder: Arc<Stage>, denoiser: Arc<Stage>, vae: Arc<Stage>) -> Self {
         Self {
             text_encoder,
             denoiser,
@@ -61,26 +69,28 @@ impl Pipeline {
     }
 
     async fn read_models(&self) -> Result<Models, Status> {
-        let te = self
+        let (te, _) = self
             .text_encoder
-            .call("info", |ch| async move {
+            .call("info", None, |ch, t| async move {
                 stages::text_encoder(ch)
-                    .info(TextEncoderServiceInfoRequest {})
+                    .info(request(TextEncoderServiceInfoRequest {}, t))
                     .await
             })
             .await?;
-        let dn = self
+        let (dn, _) = self
             .denoiser
-            .call("info", |ch| async move {
+            .call("info", None, |ch, t| async move {
                 stages::denoiser(ch)
-                    .info(DenoiserServiceInfoRequest {})
+                    .info(request(DenoiserServiceInfoRequest {}, t))
                     .await
             })
             .await?;
-        let vae = self
+        let (vae, _) = self
             .vae
-            .call("info", |ch| async move {
-                stages::vae(ch).info(VaeServiceInfoRequest {}).await
+            .call("info", None, |ch, t| async move {
+                stages::vae(ch)
+                    .info(request(VaeServiceInfoRequest {}, t))
+                    .await
             })
             .await?;
         let mismatch =
@@ -97,24 +107,15 @@ impl Pipeline {
                 dn.in_channels, dn.out_channels, vae.latent_channels
             )));
         }
+        let id = |m: &Option<sd_proto::stage::ModelInfo>| {
+            m.as_ref().map(|m| m.model_id.clone()).unwrap_or_default()
+        };
         let ids = [
-            (
-                "text-encoder",
-                te.model.as_ref().map(|m| m.model_id.as_str()).unwrap_or(""),
-            ),
-            (
-                "denoiser",
-                dn.model.as_ref().map(|m| m.model_id.as_str()).unwrap_or(""),
-            ),
-            (
-                "vae",
-                vae.model
-                    .as_ref()
-                    .map(|m| m.model_id.as_str())
-                    .unwrap_or(""),
-            ),
+            ("text-encoder", id(&te.model)),
+            ("denoiser", id(&dn.model)),
+            ("vae", id(&vae.model)),
         ];
-        if ids.iter().any(|(_, id)| *id != ids[0].1) {
+        if ids.iter().any(|(_, i)| *i != ids[0].1) {
             return Err(mismatch(format!("model ids {ids:?}")));
         }
         let scheduler_config =
@@ -131,18 +132,23 @@ impl Pipeline {
             latent_channels: vae.latent_channels,
             downsample_factor: vae.downsample_factor.max(1),
             sample_size: dn.sample_size,
+            latent_multiple: dn.latent_multiple.max(1),
             scheduler_config,
             default_scheduler,
         })
     }
 
     /// Runs one generation. `progress` is called after every step; returning `false` from it
-    /// (the client went away) stops the generation with CANCELLED.
+    /// (the client went away) stops the generation with CANCELLED. `deadline` bounds every
+    /// stage call; past it the generation ends with DEADLINE_EXCEEDED.
+    #[tracing::instrument(name = "generate", skip_all, fields(seed = params.seed, steps = params.steps))]
     pub async fn generate(
         &self,
         params: &Params,
+        deadline: Option<Instant>,
         mut progress: impl FnMut(Progress) -> bool,
     ) -> Result<GenerateResponse, Status> {
+        let started = Instant::now();
         let models = self.models().await?;
         let native = models.sample_size * models.downsample_factor;
         let (width, height) = (
@@ -150,32 +156,37 @@ impl Pipeline {
             params.height.unwrap_or(native),
         );
         let f = models.downsample_factor;
-        if width % f != 0 || height % f != 0 {
-            return Err(Status::invalid_argument(format!(
-                "width/height: {width}x{height} is not a multiple of the VAE's factor {f}"
-            )));
+        let multiple = f * models.latent_multiple;
+        for (field, value) in [("width", width), ("height", height)] {
+            if value % multiple != 0 {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: {value} is not a multiple of {multiple} (this model's VAE \
+                     downsamples by {f} and its U-Net by {})",
+                    models.latent_multiple
+                )));
+            }
         }
         let scheduler_name = if params.scheduler.is_empty() {
             models.default_scheduler.as_str()
         } else {
             params.scheduler.as_str()
         };
-        let mut scheduler = schedulers::build(
+        let overrides = crate::request::overrides(&params.scheduler_options)?;
+        let mut scheduler = schedulers::build_with(
             scheduler_name,
             &models.scheduler_config,
+            &overrides,
             params.steps as usize,
         )
         .map_err(|e| Status::invalid_argument(format!("scheduler: {e}")))?;
 
-        let (context, warnings) = self.encode(params).await?;
+        let (context, warnings) = self.encode(params, deadline).await?;
+        let encoded = Instant::now();
         let n = params.num_images as i64;
-        let shape = [
-            n,
-            models.latent_channels as i64,
-            (height / f) as i64,
-            (width / f) as i64,
-        ];
+        let channels = models.latent_channels as i64;
+        let shape = [n, channels, (height / f) as i64, (width / f) as i64];
         let numel = shape.iter().product::<i64>() as usize;
+        // diffusers' prepare_latents: one draw of shape [N, C, h, w] from the seeded generator.
         let mut rng = TorchGenerator::new(params.seed);
         let sigma = scheduler.init_noise_sigma();
         let mut latents: Vec<f32> = rng.randn(numel).into_iter().map(|x| x * sigma).collect();
@@ -193,22 +204,35 @@ impl Pipeline {
         };
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len() as u32;
+        let (mut queue_wait, mut compute) = (0.0, 0.0);
         for (i, &t) in timesteps.iter().enumerate() {
             let input = scheduler.scale_model_input(&latents, i);
-            let request = DenoiseRequest {
+            let step = DenoiseRequest {
                 sample: Some(Tensor::from_f32(&shape, &input)),
                 timesteps: Some(Tensor::from_f32(&[n], &vec![t; n as usize])),
                 encoder_hidden_states: Some(context.clone()),
                 guidance_scale: guidance.clone(),
                 guidance_rescale: rescale.clone(),
             };
-            let response = self
+            let span = tracing::info_span!(
+                "denoise_step",
+                step = i,
+                timestep = t,
+                replica = tracing::field::Empty,
+                batch_rows = tracing::field::Empty
+            );
+            let (response, replica) = self
                 .denoiser
-                .call("denoise", |ch| {
-                    let request = request.clone();
-                    async move { stages::denoiser(ch).denoise(request).await }
+                .call("denoise", deadline, |ch, timeout| {
+                    let step = step.clone();
+                    async move { stages::denoiser(ch).denoise(request(step, timeout)).await }
                 })
+                .instrument(span.clone())
                 .await?;
+            span.record("replica", replica.as_str());
+            span.record("batch_rows", response.batch_rows);
+            queue_wait += response.queue_wait_seconds;
+            compute += response.compute_seconds;
             let output = response
                 .model_output
                 .ok_or_else(|| Status::internal("denoiser: response without model_output"))?;
@@ -225,23 +249,34 @@ impl Pipeline {
             latents = scheduler
                 .step(&output, i, &latents, &mut rng)
                 .map_err(|e| Status::internal(format!("scheduler step {i}: {e}")))?;
-            if !progress(Progress {
-                step: i as u32 + 1,
+            let step_no = i as u32 + 1;
+            let preview = (params.preview_every > 0
+                && (step_no % params.preview_every == 0 || step_no == total))
+                .then(|| preview::latents_to_png(&latents, &shape))
+                .flatten();
+            let event = Progress {
+                step: step_no,
                 total_steps: total,
-            }) {
+                elapsed_seconds: started.elapsed().as_secs_f64(),
+                preview,
+            };
+            if !progress(event) {
                 return Err(Status::cancelled("generation cancelled by the client"));
             }
         }
+        let denoised = Instant::now();
 
-        let decoded = self
+        let decode = DecodeRequest {
+            latents: Some(Tensor::from_f32(&shape, &latents)),
+            encoding: ImageEncoding::Png as i32,
+        };
+        let (decoded, _) = self
             .vae
-            .call("decode", |ch| {
-                let request = DecodeRequest {
-                    latents: Some(Tensor::from_f32(&shape, &latents)),
-                    encoding: ImageEncoding::Png as i32,
-                };
-                async move { stages::vae(ch).decode(request).await }
+            .call("decode", deadline, |ch, timeout| {
+                let decode = decode.clone();
+                async move { stages::vae(ch).decode(request(decode, timeout)).await }
             })
+            .instrument(tracing::info_span!("decode"))
             .await?;
         let images = decoded
             .images
@@ -253,18 +288,32 @@ impl Pipeline {
                 height: img.height,
             })
             .collect();
+        let secs = |d: Duration| d.as_secs_f64();
         Ok(GenerateResponse {
             images,
             seed: params.seed,
             warnings,
             scheduler: scheduler_name.to_string(),
             steps: total,
+            timings: Some(StageTimings {
+                encode_seconds: secs(encoded - started),
+                denoise_seconds: secs(denoised - encoded),
+                decode_seconds: secs(denoised.elapsed()),
+                total_seconds: secs(started.elapsed()),
+                denoiser_queue_seconds: queue_wait,
+                denoiser_compute_seconds: compute,
+            }),
         })
     }
 
     /// Encodes the prompt (and the negative prompt when guidance is on) and lays the hidden
     /// states out as the denoiser expects: `[N unconditional rows, N conditional rows]`.
-    async fn encode(&self, params: &Params) -> Result<(Tensor, Vec<String>), Status> {
+    #[tracing::instrument(name = "encode", skip_all)]
+    async fn encode(
+        &self,
+        params: &Params,
+        deadline: Option<Instant>,
+    ) -> Result<(Tensor, Vec<String>), Status> {
         let guided = params.uses_guidance();
         let prompts = if guided {
             vec![params.negative_prompt.clone(), params.prompt.clone()]
@@ -277,16 +326,21 @@ impl Pipeline {
         } else {
             vec![params.clip_skip]
         };
-        let response = self
+        let encode = EncodeRequest {
+            prompts: prompts.clone(),
+            clip_skip,
+            long_prompt: params.long_prompt,
+            prompt_weighting: params.prompt_weighting,
+        };
+        let (response, _) = self
             .text_encoder
-            .call("encode", |ch| {
-                let request = EncodeRequest {
-                    prompts: prompts.clone(),
-                    clip_skip: clip_skip.clone(),
-                    long_prompt: params.long_prompt,
-                    prompt_weighting: params.prompt_weighting,
-                };
-                async move { stages::text_encoder(ch).encode(request).await }
+            .call("encode", deadline, |ch, timeout| {
+                let encode = encode.clone();
+                async move {
+                    stages::text_encoder(ch)
+                        .encode(request(encode, timeout))
+                        .await
+                }
             })
             .await?;
         let hidden = response
@@ -312,7 +366,8 @@ impl Pipeline {
         for (name, dropped) in names.iter().zip(&response.truncated_tokens) {
             if *dropped > 0 {
                 warnings.push(format!(
-                    "{name}: {dropped} token(s) beyond the text encoder's context were dropped"
+                    "{name}: {dropped} token(s) beyond the text encoder's context were dropped \
+                     (set long_prompt to keep them)"
                 ));
             }
         }

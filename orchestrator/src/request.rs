@@ -2,6 +2,7 @@
 //! destructured, so a field added to the proto fails to compile here until it is handled.
 //! Each refusal is INVALID_ARGUMENT naming the field.
 
+use crate::schedulers::SchedulerOverrides;
 use sd_proto::v1::{GenerateRequest, OutputFormat, SchedulerOptions};
 use tonic::Status;
 
@@ -45,6 +46,55 @@ impl Default for Limits {
     }
 }
 
+/// The request's scheduler options as [`SchedulerOverrides`]. Every field of
+/// `SchedulerOptions` is destructured; an unknown value is INVALID_ARGUMENT listing the valid
+/// ones (whether the chosen scheduler has the option is checked when it is built).
+pub fn overrides(options: &SchedulerOptions) -> Result<SchedulerOverrides, Status> {
+    let SchedulerOptions {
+        karras_sigmas,
+        timestep_spacing,
+        steps_offset,
+        prediction_type,
+        beta_schedule,
+        rescale_betas_zero_snr,
+        clip_sample,
+        set_alpha_to_one,
+        eta,
+    } = options;
+    let given: [(&str, Option<String>); 9] = [
+        ("use_karras_sigmas", karras_sigmas.map(|v| v.to_string())),
+        (
+            "timestep_spacing",
+            Some(timestep_spacing.clone()).filter(|s| !s.is_empty()),
+        ),
+        ("steps_offset", steps_offset.map(|v| v.to_string())),
+        (
+            "prediction_type",
+            Some(prediction_type.clone()).filter(|s| !s.is_empty()),
+        ),
+        (
+            "beta_schedule",
+            Some(beta_schedule.clone()).filter(|s| !s.is_empty()),
+        ),
+        (
+            "rescale_betas_zero_snr",
+            rescale_betas_zero_snr.map(|v| v.to_string()),
+        ),
+        ("clip_sample", clip_sample.map(|v| v.to_string())),
+        ("set_alpha_to_one", set_alpha_to_one.map(|v| v.to_string())),
+        ("eta", eta.map(|v| v.to_string())),
+    ];
+    let mut overrides = SchedulerOverrides::default();
+    for (option, value) in given {
+        if let Some(value) = value {
+            overrides.set(option, &value).map_err(|e| {
+                Status::invalid_argument(format!("scheduler_options.{option}: {e}"))
+            })?;
+        }
+    }
+    Ok(overrides)
+}
+
 /// Upper bound on `clip_skip` checked here; the text encoder checks it against its own depth.
 pub const MAX_CLIP_SKIP: u32 = 64;
 
@@ -72,6 +122,8 @@ pub struct Params {
     pub guidance_rescale: f32,
     /// Overrides of the model's scheduler configuration.
     pub scheduler_options: SchedulerOptions,
+    /// Streamed previews every this many steps (0: none).
+    pub preview_every: u32,
 }
 
 impl Params {
@@ -104,6 +156,7 @@ pub fn validate(
         prompt_weighting,
         guidance_rescale,
         scheduler_options,
+        preview_every,
     } = request;
     let bad = |field: &str, why: String| Status::invalid_argument(format!("{field}: {why}"));
     for (field, text) in [("prompt", &prompt), ("negative_prompt", &negative_prompt)] {
@@ -196,7 +249,12 @@ pub fn validate(
         long_prompt,
         prompt_weighting,
         guidance_rescale,
-        scheduler_options: scheduler_options.unwrap_or_default(),
+        scheduler_options: {
+            let options = scheduler_options.unwrap_or_default();
+            overrides(&options)?;
+            options
+        },
+        preview_every,
     })
 }
 

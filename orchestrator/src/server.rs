@@ -51,6 +51,12 @@ pub struct OrchestratorArgs {
     /// Seconds one stage call (one denoising step, one decode) may take.
     #[arg(long, env = "SD_STAGE_TIMEOUT", default_value_t = 300.0)]
     pub stage_timeout: f64,
+    /// Seconds between re-resolutions of stage names and endpoint files.
+    #[arg(long, env = "SD_RESOLVE_INTERVAL", default_value_t = 10.0)]
+    pub resolve_interval: f64,
+    /// Generations run at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SD_MAX_CONCURRENT_GENERATIONS", default_value_t = 32)]
+    pub max_concurrent_generations: usize,
     #[command(flatten)]
     pub limits: Limits,
 }
@@ -69,6 +75,7 @@ impl OrchestratorArgs {
         Ok(Timeouts {
             connect: secs("connect-timeout", self.connect_timeout)?,
             request: secs("stage-timeout", self.stage_timeout)?,
+            resolve_interval: secs("resolve-interval", self.resolve_interval)?,
         })
     }
 }
@@ -86,17 +93,28 @@ pub async fn run(
         Stage::connect("denoiser", &args.denoiser, timeouts).await?,
         Stage::connect("vae", &args.vae, timeouts).await?,
     ));
+    let maintainers: Vec<_> = [&pipeline.text_encoder, &pipeline.denoiser, &pipeline.vae]
+        .into_iter()
+        .map(|stage| tokio::spawn(stage.clone().maintain()))
+        .collect();
     let (health, health_service) = Health::new(service_names::IMAGE_GENERATION).await;
     let watcher = tokio::spawn(wait_for_stages(pipeline.clone(), health.clone()));
-    let service = ImageGenerationServiceServer::new(ImageGeneration::new(pipeline, args.limits))
-        .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
+    let service = ImageGenerationServiceServer::new(ImageGeneration::new(
+        pipeline,
+        args.limits,
+        args.max_concurrent_generations,
+    ))
+    .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
     let router = sd_server::builder()
         .add_service(health_service)
         .add_service(sd_server::reflection(&[service_names::IMAGE_GENERATION])?)
         .add_service(service);
     let served = sd_server::serve(router, listener, health, shutdown).await;
     watcher.abort();
+    for task in maintainers {
+        task.abort();
+    }
     served
 }
 

@@ -1,45 +1,80 @@
-//! Clients for the three model stages.
+//! Clients for the model stages, with replica discovery, balancing and failover.
 //!
-//! Each stage address is a comma-separated list of `http://host:port` endpoints; a host name
-//! that resolves to several addresses (a Kubernetes headless Service) becomes one channel per
-//! address, because HTTP/2 multiplexes every call over one connection and a single channel
-//! would pin all traffic to one replica. Calls rotate over the channels; a call that fails
-//! with UNAVAILABLE (replica down, connection refused) is retried on the next replica, so a
-//! replica dying mid-generation costs one retried step, not the generation.
+//! A stage address is a comma-separated list of entries, each `http://host:port` or
+//! `file:///path` (a file listing such URLs, one per line, re-read periodically). A host name
+//! may resolve to many addresses (a Kubernetes headless Service); it is re-resolved
+//! periodically, so replicas that appear or go away are followed. Each replica gets its own
+//! channel, because HTTP/2 multiplexes every call over one connection and a single channel
+//! would pin all traffic to one replica.
+//!
+//! Calls go to the less busy of two random healthy replicas (power of two choices on
+//! outstanding calls). A replica that fails with UNAVAILABLE is marked unhealthy and skipped
+//! until it answers a gRPC health check with SERVING; the call is retried on another replica
+//! within the request's deadline, as long as the retry budget allows (retries are at most a
+//! fraction of successful calls, so a dead cluster does not cause a retry storm).
 
 use sd_proto::stage::{
     denoiser_service_client::DenoiserServiceClient,
     text_encoder_service_client::TextEncoderServiceClient, vae_service_client::VaeServiceClient,
 };
 use std::{
+    collections::{BTreeMap, BTreeSet},
     future::Future,
-    sync::atomic::{AtomicUsize, Ordering},
-    time::Duration,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
 };
 use tonic::{
     Code, Status,
     transport::{Channel, Endpoint},
 };
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
-/// Timeouts applied to every stage channel.
+/// Timeouts and intervals applied to every stage.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     /// Establishing a connection; bounds how long a down stage takes to report UNAVAILABLE.
     pub connect: Duration,
-    /// One call (one denoise step, one decode).
+    /// One call (one denoise step, one decode), unless the request's deadline is sooner.
     pub request: Duration,
+    /// How often names and endpoint files are re-resolved.
+    pub resolve_interval: Duration,
 }
 
-/// One model stage: its name (used in every error) and a channel per replica.
-pub struct Stage {
-    name: &'static str,
-    replicas: Vec<Replica>,
-    next: AtomicUsize,
-}
-
+/// One replica of a stage.
 struct Replica {
     address: String,
     channel: Channel,
+    outstanding: AtomicUsize,
+    healthy: AtomicBool,
+}
+
+/// A stage: its name (used in every error) and its replicas.
+pub struct Stage {
+    name: &'static str,
+    entries: Vec<Entry>,
+    replicas: RwLock<Vec<Arc<Replica>>>,
+    timeouts: Timeouts,
+    budget: RetryBudget,
+}
+
+/// One entry of an address list.
+#[derive(Debug, Clone)]
+enum Entry {
+    /// An IP address: one fixed replica.
+    Fixed(String),
+    /// A host name, resolved (and re-resolved) to one replica per address.
+    Name {
+        scheme: String,
+        host: String,
+        port: u16,
+    },
+    /// A file of URLs, re-read.
+    File(std::path::PathBuf),
 }
 
 /// Why a stage address list was refused.
@@ -50,71 +85,66 @@ pub struct AddressError {
     message: String,
 }
 
+fn parse_url(raw: &str) -> Result<Entry, String> {
+    let uri: http::Uri = raw
+        .parse()
+        .map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    let scheme = uri.scheme_str().unwrap_or("");
+    if scheme != "http" && scheme != "https" {
+        return Err(format!(
+            "{raw:?}: expected http://host:port or file:///path"
+        ));
+    }
+    let host = uri.host().ok_or_else(|| format!("{raw:?}: no host"))?;
+    let port = uri.port_u16().ok_or_else(|| format!("{raw:?}: no port"))?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    Ok(if bare.parse::<std::net::IpAddr>().is_ok() {
+        Entry::Fixed(format!("{scheme}://{host}:{port}"))
+    } else {
+        Entry::Name {
+            scheme: scheme.into(),
+            host: host.into(),
+            port,
+        }
+    })
+}
+
 impl Stage {
-    /// Builds channels for `addresses` (comma-separated URLs). Host names are resolved now;
-    /// one that does not resolve yet keeps a single channel that resolves on connect.
+    /// Parses `addresses` and resolves them once. A name that does not resolve yet is not an
+    /// error: it is retried at every re-resolution.
     pub async fn connect(
         name: &'static str,
         addresses: &str,
         timeouts: Timeouts,
-    ) -> Result<Self, AddressError> {
+    ) -> Result<Arc<Self>, AddressError> {
         let err = |message: String| AddressError {
             stage: name,
             message,
         };
-        let mut replicas = Vec::new();
+        let mut entries = Vec::new();
         for raw in addresses
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
         {
-            let uri: http::Uri = raw
-                .parse()
-                .map_err(|e| err(format!("{raw:?} is not a URL: {e}")))?;
-            let scheme = uri.scheme_str().unwrap_or("");
-            if scheme != "http" && scheme != "https" {
-                return Err(err(format!("{raw:?}: expected http://host:port")));
-            }
-            let host = uri.host().ok_or_else(|| err(format!("{raw:?}: no host")))?;
-            let port = uri
-                .port_u16()
-                .ok_or_else(|| err(format!("{raw:?}: no port")))?;
-            let addresses: Vec<String> = match tokio::net::lookup_host((host, port)).await {
-                Ok(resolved) if host.parse::<std::net::IpAddr>().is_err() => {
-                    let mut all: Vec<String> =
-                        resolved.map(|a| format!("{scheme}://{a}")).collect();
-                    all.sort();
-                    all.dedup();
-                    if all.is_empty() {
-                        vec![raw.to_string()]
-                    } else {
-                        all
-                    }
-                }
-                _ => vec![raw.to_string()],
-            };
-            for address in addresses {
-                let endpoint = Endpoint::from_shared(address.clone())
-                    .map_err(|e| err(format!("{address:?}: {e}")))?
-                    .connect_timeout(timeouts.connect)
-                    .timeout(timeouts.request)
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_while_idle(true);
-                replicas.push(Replica {
-                    address,
-                    channel: endpoint.connect_lazy(),
-                });
+            if let Some(path) = raw.strip_prefix("file://") {
+                entries.push(Entry::File(path.into()));
+            } else {
+                entries.push(parse_url(raw).map_err(err)?);
             }
         }
-        if replicas.is_empty() {
+        if entries.is_empty() {
             return Err(err("no endpoint given".into()));
         }
-        Ok(Self {
+        let stage = Arc::new(Self {
             name,
-            replicas,
-            next: AtomicUsize::new(0),
-        })
+            entries,
+            replicas: RwLock::new(Vec::new()),
+            timeouts,
+            budget: RetryBudget::new(),
+        });
+        stage.resolve().await;
+        Ok(stage)
     }
 
     /// The stage's name, as errors mention it.
@@ -122,37 +152,231 @@ impl Stage {
         self.name
     }
 
-    /// Calls `f` on a replica, moving on to the next one when a replica is unreachable; each
-    /// replica is tried at most once. Errors become statuses that name the stage.
-    pub async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, Status>
-    where
-        F: Fn(Channel) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
-    {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut last = None;
-        for i in 0..self.replicas.len() {
-            let replica = &self.replicas[(start + i) % self.replicas.len()];
-            match f(replica.channel.clone()).await {
-                Ok(response) => return Ok(response.into_inner()),
-                Err(status) if status.code() == Code::Unavailable => {
-                    tracing::debug!(stage = self.name, replica = %replica.address, "{what}: {}", status.message());
-                    last = Some((replica.address.clone(), status));
-                }
-                Err(status) => return Err(self.annotate(what, &replica.address, status)),
-            }
-        }
-        let (address, status) = last.expect("at least one replica");
-        Err(self.annotate(what, &address, status))
+    /// Addresses of the current replicas and whether each is considered healthy.
+    pub fn replicas(&self) -> Vec<(String, bool)> {
+        self.read()
+            .iter()
+            .map(|r| (r.address.clone(), r.healthy.load(Ordering::Relaxed)))
+            .collect()
     }
 
-    /// Prefixes a stage's status with where it came from. The code is kept, except that
-    /// transport failures (which tonic reports as UNKNOWN or CANCELLED on a reset connection)
-    /// become UNAVAILABLE.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Replica>>> {
+        self.replicas.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Re-resolves every entry and updates the replica set: new addresses get channels,
+    /// vanished ones are dropped (their in-flight calls finish on the channel they hold).
+    pub async fn resolve(&self) {
+        let mut wanted = BTreeSet::new();
+        for entry in &self.entries {
+            match entry {
+                Entry::Fixed(url) => {
+                    wanted.insert(url.clone());
+                }
+                Entry::Name { scheme, host, port } => {
+                    match tokio::net::lookup_host((host.as_str(), *port)).await {
+                        Ok(addrs) => wanted.extend(addrs.map(|a| format!("{scheme}://{a}"))),
+                        Err(e) => tracing::warn!(stage = self.name, "cannot resolve {host}: {e}"),
+                    }
+                }
+                Entry::File(path) => match tokio::fs::read_to_string(path).await {
+                    Ok(text) => {
+                        for line in text.lines().map(str::trim) {
+                            if line.is_empty() || line.starts_with('#') {
+                                continue;
+                            }
+                            match parse_url(line) {
+                                Ok(Entry::Fixed(url)) => {
+                                    wanted.insert(url);
+                                }
+                                Ok(Entry::Name { scheme, host, port }) => {
+                                    wanted.insert(format!("{scheme}://{host}:{port}"));
+                                }
+                                Ok(Entry::File(_)) | Err(_) => tracing::warn!(
+                                    stage = self.name,
+                                    "{}: ignoring {line:?}",
+                                    path.display()
+                                ),
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(stage = self.name, "{}: {e}", path.display()),
+                },
+            }
+        }
+        let current: BTreeMap<String, Arc<Replica>> = self
+            .read()
+            .iter()
+            .map(|r| (r.address.clone(), r.clone()))
+            .collect();
+        if current.keys().cloned().collect::<BTreeSet<_>>() == wanted {
+            return;
+        }
+        let mut next = Vec::with_capacity(wanted.len());
+        for address in wanted {
+            if let Some(existing) = current.get(&address) {
+                next.push(existing.clone());
+                continue;
+            }
+            match Endpoint::from_shared(address.clone()) {
+                Ok(endpoint) => {
+                    let channel = endpoint
+                        .connect_timeout(self.timeouts.connect)
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(30))
+                        .keep_alive_while_idle(true)
+                        .connect_lazy();
+                    tracing::info!(stage = self.name, replica = %address, "replica added");
+                    next.push(Arc::new(Replica {
+                        address,
+                        channel,
+                        outstanding: AtomicUsize::new(0),
+                        healthy: AtomicBool::new(true),
+                    }));
+                }
+                Err(e) => tracing::warn!(stage = self.name, "{address}: {e}"),
+            }
+        }
+        *self.replicas.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
+    /// Re-resolves the entries and health-checks unhealthy replicas until the process ends.
+    pub async fn maintain(self: Arc<Self>) {
+        let mut last_resolve = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if last_resolve.elapsed() >= self.timeouts.resolve_interval {
+                self.resolve().await;
+                last_resolve = Instant::now();
+            }
+            let sick: Vec<Arc<Replica>> = self
+                .read()
+                .iter()
+                .filter(|r| !r.healthy.load(Ordering::Relaxed))
+                .cloned()
+                .collect();
+            for replica in sick {
+                let mut client = HealthClient::new(replica.channel.clone());
+                let mut request = tonic::Request::new(HealthCheckRequest {
+                    service: String::new(),
+                });
+                request.set_timeout(self.timeouts.connect);
+                if let Ok(reply) = client.check(request).await {
+                    if reply.into_inner().status == ServingStatus::Serving as i32 {
+                        replica.healthy.store(true, Ordering::Relaxed);
+                        tracing::info!(stage = self.name, replica = %replica.address, "replica healthy again");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Picks a replica not in `tried`: the less busy of two random healthy ones; unhealthy
+    /// ones only when no healthy one is left.
+    fn pick(&self, tried: &[String]) -> Option<Arc<Replica>> {
+        let replicas = self.read();
+        let fresh: Vec<&Arc<Replica>> = replicas
+            .iter()
+            .filter(|r| !tried.contains(&r.address))
+            .collect();
+        let healthy: Vec<&Arc<Replica>> = fresh
+            .iter()
+            .copied()
+            .filter(|r| r.healthy.load(Ordering::Relaxed))
+            .collect();
+        let pool = if healthy.is_empty() { fresh } else { healthy };
+        match pool.len() {
+            0 => None,
+            1 => Some(pool[0].clone()),
+            n => {
+                let a = rand::random_range(0..n);
+                let b = (a + rand::random_range(1..n)) % n;
+                let (ra, rb) = (pool[a], pool[b]);
+                let load = |r: &Replica| r.outstanding.load(Ordering::Relaxed);
+                Some(if load(rb) < load(ra) {
+                    rb.clone()
+                } else {
+                    ra.clone()
+                })
+            }
+        }
+    }
+
+    /// Calls `f(channel, timeout)` on a replica, failing over to others on UNAVAILABLE within
+    /// `deadline`. `timeout` is what the call may take (the stage timeout, or less when the
+    /// deadline is nearer). Errors become statuses that name the stage and replica.
+    pub async fn call<T, F, Fut>(
+        &self,
+        what: &str,
+        deadline: Option<Instant>,
+        f: F,
+    ) -> Result<(T, String), Status>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut tried = Vec::new();
+        loop {
+            let timeout = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(self.timeouts.request),
+                    _ => {
+                        return Err(Status::deadline_exceeded(format!(
+                            "deadline passed before {} ({what})",
+                            self.name
+                        )));
+                    }
+                },
+                None => self.timeouts.request,
+            };
+            let Some(replica) = self.pick(&tried) else {
+                return Err(Status::unavailable(format!(
+                    "{} stage unavailable ({what}): no replica{}",
+                    self.name,
+                    if tried.is_empty() {
+                        " known".to_string()
+                    } else {
+                        format!(" left after trying {}", tried.join(", "))
+                    }
+                )));
+            };
+            replica.outstanding.fetch_add(1, Ordering::Relaxed);
+            let outcome = f(replica.channel.clone(), timeout).await;
+            replica.outstanding.fetch_sub(1, Ordering::Relaxed);
+            match outcome {
+                Ok(response) => {
+                    self.budget.deposit();
+                    return Ok((response.into_inner(), replica.address.clone()));
+                }
+                Err(status) if is_unreachable(&status) => {
+                    replica.healthy.store(false, Ordering::Relaxed);
+                    tracing::warn!(stage = self.name, replica = %replica.address, "{what}: {}", status.message());
+                    tried.push(replica.address.clone());
+                    let past = deadline.is_some_and(|d| Instant::now() >= d);
+                    if past || !self.budget.withdraw() {
+                        return Err(self.annotate(what, &replica.address, status));
+                    }
+                }
+                Err(status) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(Status::deadline_exceeded(format!(
+                            "{} ({what}) did not answer before the deadline: {}",
+                            self.name,
+                            status.message()
+                        )));
+                    }
+                    return Err(self.annotate(what, &replica.address, status));
+                }
+            }
+        }
+    }
+
+    /// Prefixes a stage's status with where it came from.
     fn annotate(&self, what: &str, address: &str, status: Status) -> Status {
-        let code = match status.code() {
-            Code::Unknown if status.message().contains("transport") => Code::Unavailable,
-            c => c,
+        let code = if is_unreachable(&status) {
+            Code::Unavailable
+        } else {
+            status.code()
         };
         let message = if code == Code::Unavailable {
             format!(
@@ -164,6 +388,53 @@ impl Stage {
             format!("{} stage ({what}): {}", self.name, status.message())
         };
         Status::new(code, message)
+    }
+}
+
+/// UNAVAILABLE, or a transport failure that tonic reports otherwise (a reset connection is
+/// UNKNOWN with a transport message): the replica, not the request, is the problem.
+fn is_unreachable(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable => true,
+        Code::Unknown | Code::Internal => {
+            let m = status.message().to_ascii_lowercase();
+            m.contains("transport") || m.contains("connection") || m.contains("broken pipe")
+        }
+        _ => false,
+    }
+}
+
+/// Retries allowed as a fraction of successes: each success deposits 0.2 tokens (up to 100),
+/// each retry costs one; a fresh budget holds 10. When a whole stage is down the budget drains
+/// and calls fail at the first error instead of multiplying the load.
+struct RetryBudget {
+    tokens: Mutex<f64>,
+}
+
+impl RetryBudget {
+    const RATIO: f64 = 0.2;
+    const MAX: f64 = 100.0;
+    const INITIAL: f64 = 10.0;
+
+    fn new() -> Self {
+        Self {
+            tokens: Mutex::new(Self::INITIAL),
+        }
+    }
+
+    fn deposit(&self) {
+        let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        *t = (*t + Self::RATIO).min(Self::MAX);
+    }
+
+    fn withdraw(&self) -> bool {
+        let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        if *t >= 1.0 {
+            *t -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -188,6 +459,13 @@ pub fn vae(channel: Channel) -> VaeServiceClient<Channel> {
         .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
 }
 
+/// A request carrying `message` with `timeout` as its gRPC deadline.
+pub fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +474,7 @@ mod tests {
         Timeouts {
             connect: Duration::from_millis(500),
             request: Duration::from_secs(1),
+            resolve_interval: Duration::from_secs(10),
         }
     }
 
@@ -204,7 +483,7 @@ mod tests {
         let s = Stage::connect("vae", "http://127.0.0.1:1, http://127.0.0.1:2", timeouts())
             .await
             .unwrap();
-        assert_eq!(s.replicas.len(), 2);
+        assert_eq!(s.replicas().len(), 2);
         let e = Stage::connect("vae", "127.0.0.1:1", timeouts())
             .await
             .err()
@@ -219,17 +498,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn localhost_resolves_to_channels() {
+    async fn names_resolve_to_one_replica_per_address() {
         let s = Stage::connect("denoiser", "http://localhost:50062", timeouts())
             .await
             .unwrap();
-        assert!(!s.replicas.is_empty());
-        assert!(s.replicas.iter().all(|r| !r.address.contains("localhost")));
+        let replicas = s.replicas();
+        assert!(!replicas.is_empty());
+        assert!(
+            replicas.iter().all(|(a, _)| !a.contains("localhost")),
+            "{replicas:?}"
+        );
     }
 
     #[tokio::test]
-    async fn down_stage_is_unavailable_and_named() {
-        // Bind then drop a listener to get a port nobody listens on.
+    async fn endpoint_files_are_re_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("denoisers.txt");
+        std::fs::write(&file, "# replicas\nhttp://127.0.0.1:7001\n").unwrap();
+        let s = Stage::connect(
+            "denoiser",
+            &format!("file://{}", file.display()),
+            timeouts(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.replicas().len(), 1);
+        std::fs::write(&file, "http://127.0.0.1:7001\nhttp://127.0.0.1:7002\n").unwrap();
+        s.resolve().await;
+        let addresses: Vec<String> = s.replicas().into_iter().map(|(a, _)| a).collect();
+        assert_eq!(
+            addresses,
+            ["http://127.0.0.1:7001", "http://127.0.0.1:7002"]
+        );
+    }
+
+    #[tokio::test]
+    async fn down_stage_is_unavailable_named_and_marked_unhealthy() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -243,9 +547,12 @@ mod tests {
         .await
         .unwrap();
         let err = s
-            .call("info", |ch| async move {
+            .call("info", None, |ch, t| async move {
                 text_encoder(ch)
-                    .info(sd_proto::stage::TextEncoderServiceInfoRequest {})
+                    .info(request(
+                        sd_proto::stage::TextEncoderServiceInfoRequest {},
+                        t,
+                    ))
                     .await
             })
             .await
@@ -256,5 +563,35 @@ mod tests {
             "{}",
             err.message()
         );
+        assert_eq!(s.replicas()[0].1, false);
+    }
+
+    #[tokio::test]
+    async fn an_expired_deadline_is_deadline_exceeded() {
+        let s = Stage::connect("vae", "http://127.0.0.1:9", timeouts())
+            .await
+            .unwrap();
+        let past = Instant::now() - Duration::from_millis(1);
+        let err = s
+            .call("decode", Some(past), |ch, t| async move {
+                vae(ch)
+                    .info(request(sd_proto::stage::VaeServiceInfoRequest {}, t))
+                    .await
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded);
+    }
+
+    #[test]
+    fn retry_budget_drains_and_refills() {
+        let b = RetryBudget::new();
+        let granted = (0..20).filter(|_| b.withdraw()).count();
+        assert_eq!(granted, 10);
+        for _ in 0..5 {
+            b.deposit();
+        }
+        assert!(b.withdraw());
+        assert!(!b.withdraw());
     }
 }

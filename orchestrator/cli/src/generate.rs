@@ -4,7 +4,7 @@ use crate::local;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_proto::v1::{
-    GenerateRequest, GenerateResponse, GenerateStreamRequest, OutputFormat,
+    GenerateRequest, GenerateResponse, GenerateStreamRequest, OutputFormat, SchedulerOptions,
     generate_stream_response::Event, image_generation_service_client::ImageGenerationServiceClient,
 };
 use std::path::{Path, PathBuf};
@@ -51,6 +51,16 @@ pub struct GenerateArgs {
     /// Guidance rescale in [0, 1] (diffusers' `guidance_rescale`).
     #[arg(long)]
     guidance_rescale: Option<f32>,
+    /// Karras noise levels (sigma-based schedulers).
+    #[arg(long)]
+    karras: bool,
+    /// Timestep spacing override: leading, linspace or trailing.
+    #[arg(long, default_value = "")]
+    timestep_spacing: String,
+    /// Other scheduler config overrides, `NAME=VALUE` (e.g. `rescale_betas_zero_snr=true`,
+    /// `prediction_type=v_prediction`, `eta=0.5`); repeatable.
+    #[arg(long = "scheduler-option", value_name = "NAME=VALUE")]
+    scheduler_option: Vec<String>,
     /// Where to write the PNG.
     #[arg(long, short)]
     output: PathBuf,
@@ -92,7 +102,8 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         long_prompt: args.long_prompt,
         prompt_weighting: args.prompt_weighting,
         guidance_rescale: args.guidance_rescale,
-        scheduler_options: None,
+        scheduler_options: Some(scheduler_options(&args)?),
+        preview_every: 0,
     };
     let (address, cluster) = if args.local {
         let model = args.model.clone().context("--local needs --model DIR")?;
@@ -122,6 +133,39 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The scheduler overrides given on the command line as the API's message.
+fn scheduler_options(args: &GenerateArgs) -> anyhow::Result<SchedulerOptions> {
+    let mut options = SchedulerOptions {
+        karras_sigmas: args.karras.then_some(true),
+        timestep_spacing: args.timestep_spacing.clone(),
+        ..Default::default()
+    };
+    for item in &args.scheduler_option {
+        let (name, value) = item
+            .split_once('=')
+            .with_context(|| format!("--scheduler-option {item:?}: expected NAME=VALUE"))?;
+        let bad = || anyhow::anyhow!("--scheduler-option {name}: cannot parse {value:?}");
+        let flag = || value.parse::<bool>().map_err(|_| bad());
+        match name {
+            "timestep_spacing" => options.timestep_spacing = value.into(),
+            "prediction_type" => options.prediction_type = value.into(),
+            "beta_schedule" => options.beta_schedule = value.into(),
+            "steps_offset" => options.steps_offset = Some(value.parse().map_err(|_| bad())?),
+            "eta" => options.eta = Some(value.parse().map_err(|_| bad())?),
+            "use_karras_sigmas" | "karras_sigmas" => options.karras_sigmas = Some(flag()?),
+            "rescale_betas_zero_snr" => options.rescale_betas_zero_snr = Some(flag()?),
+            "clip_sample" => options.clip_sample = Some(flag()?),
+            "set_alpha_to_one" => options.set_alpha_to_one = Some(flag()?),
+            other => anyhow::bail!(
+                "--scheduler-option {other}: unknown; valid: timestep_spacing, prediction_type, \
+                 beta_schedule, steps_offset, eta, use_karras_sigmas, rescale_betas_zero_snr, \
+                 clip_sample, set_alpha_to_one"
+            ),
+        }
+    }
+    Ok(options)
 }
 
 /// Streams the generation, showing a progress bar on a terminal.

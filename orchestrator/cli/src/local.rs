@@ -67,7 +67,12 @@ impl Cluster {
             ),
             (
                 "denoiser",
-                tokio::spawn(sd_denoiser::run(stage.clone(), dn, stopped(rx.clone()))),
+                tokio::spawn(sd_denoiser::run(
+                    stage.clone(),
+                    sd_denoiser::BatchArgs::default(),
+                    dn,
+                    stopped(rx.clone()),
+                )),
             ),
             (
                 "vae",

@@ -3,9 +3,15 @@
 //! Each Denoise call is one step for a batch of samples, each at its own timestep, and carries
 //! its text context, so any replica can serve any step. Classifier-free guidance is fused:
 //! the unconditional and conditional halves run as one U-Net batch and the guided prediction
-//! is returned (half the bytes back, one round trip).
+//! is returned (half the bytes back, one round trip). Concurrent calls are batched into one
+//! U-Net forward ([`batcher`]).
 
-use sd_models::{ModelError, unet_2d_condition::UNet2DConditionModel};
+pub mod batcher;
+pub mod model;
+
+use batcher::{BatchConfig, BatchError, Batcher, FailureKind};
+use model::{Model, Step};
+use sd_models::unet_2d_condition::UNet2DConditionModel;
 use sd_proto::{
     service_names,
     stage::{
@@ -14,13 +20,13 @@ use sd_proto::{
         denoiser_service_server::{DenoiserService, DenoiserServiceServer},
     },
 };
-use sd_runtime::{StageArgs, stage::serve_stage, status, wire, worker::Worker};
+use sd_runtime::{StageArgs, stage::serve_stage, status, wire};
 use sd_server::Health;
 use std::{
     future::Future,
     sync::{Arc, OnceLock},
 };
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -38,93 +44,34 @@ pub struct Args {
     #[command(flatten)]
     pub stage: StageArgs,
     #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
     pub log: sd_server::LogArgs,
 }
 
-struct Model {
-    unet: UNet2DConditionModel,
-    device: Device,
+/// Step batching flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BatchArgs {
+    /// Most U-Net rows per forward (a guided sample counts twice); 1 disables batching.
+    #[arg(long, env = "SD_MAX_BATCH", default_value_t = 16)]
+    pub max_batch: usize,
+    /// Milliseconds the first step of a batch waits for steps of other generations.
+    #[arg(long, env = "SD_BATCH_WAIT_MS", default_value_t = 5)]
+    pub batch_wait_ms: u64,
 }
 
-/// One validated step: CPU tensors as they came off the wire.
-struct Step {
-    sample: Tensor,
-    timesteps: Tensor,
-    context: Tensor,
-    guidance: Option<Tensor>,
-    rescale: Option<Tensor>,
-}
-
-impl Model {
-    fn load(args: &StageArgs) -> Result<Self, ModelError> {
-        let unet =
-            UNet2DConditionModel::load(&args.model.join("unet"), args.device.0, args.dtype.0)?;
-        let model = Self {
-            unet,
-            device: args.device.0,
-        };
-        let c = model.unet.config();
-        let (ch, size, width) = (
-            c.in_channels as i64,
-            c.sample_size as i64,
-            c.cross_attention_dim as i64,
-        );
-        let opts = (Kind::Float, Device::Cpu);
-        let _warm_up = model.denoise(Step {
-            sample: Tensor::zeros([1, ch, size, size], opts),
-            timesteps: Tensor::zeros([1], opts),
-            context: Tensor::zeros([2, 77, width], opts),
-            guidance: Some(Tensor::ones([1], opts)),
-            rescale: None,
-        })?; // warm-up forward
-        Ok(model)
+impl Default for BatchArgs {
+    fn default() -> Self {
+        Self {
+            max_batch: 16,
+            batch_wait_ms: 5,
+        }
     }
-
-    /// Runs the U-Net; with guidance, on the doubled batch and combines the halves:
-    /// `uncond + scale * (cond - uncond)` (diffusers' StableDiffusionPipeline.__call__).
-    fn denoise(&self, step: Step) -> Result<Tensor, ModelError> {
-        tch::no_grad(|| {
-            let sample = step.sample.to_device(self.device);
-            let timesteps = step.timesteps.to_device(self.device);
-            let context = step.context.to_device(self.device);
-            let out = match step.guidance {
-                None => self.unet.forward(&sample, &timesteps, &context)?,
-                Some(scale) => {
-                    let both = Tensor::cat(&[&sample, &sample], 0);
-                    let t = Tensor::cat(&[&timesteps, &timesteps], 0);
-                    let pred = self.unet.forward(&both, &t, &context)?.to_kind(Kind::Float);
-                    let halves = pred.chunk(2, 0);
-                    let (uncond, cond) = (&halves[0], &halves[1]);
-                    let scale = scale.to_device(self.device).view([-1, 1, 1, 1]);
-                    let guided = uncond + scale * (cond - uncond);
-                    match step.rescale {
-                        None => guided,
-                        Some(rescale) => {
-                            rescale_noise_cfg(&guided, cond, &rescale.to_device(self.device))
-                        }
-                    }
-                }
-            };
-            Ok(out.to_kind(Kind::Float))
-        })
-    }
-}
-
-/// Pulls the guided prediction's standard deviation back towards the conditional one's:
-/// diffusers' `rescale_noise_cfg` (Lin et al. 2023, eq. 15-16), per sample, with torch's
-/// default unbiased standard deviation over all but the batch dimension.
-fn rescale_noise_cfg(guided: &Tensor, cond: &Tensor, rescale: &Tensor) -> Tensor {
-    let dims: &[i64] = &[1, 2, 3];
-    let std_cond = cond.std_dim(dims, true, true);
-    let std_guided = guided.std_dim(dims, true, true);
-    let rescaled = guided * (std_cond / std_guided);
-    let phi = rescale.view([-1, 1, 1, 1]);
-    &phi * rescaled + (1.0 - &phi) * guided
 }
 
 /// The gRPC service.
 pub struct Denoiser {
-    worker: Worker<Model>,
+    batcher: Batcher,
     info: Arc<OnceLock<DenoiserServiceInfoResponse>>,
 }
 
@@ -253,23 +200,51 @@ impl DenoiserService for Denoiser {
         Ok(Response::new(info.clone()))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(batch_rows))]
     async fn denoise(
         &self,
         request: Request<DenoiseRequest>,
     ) -> Result<Response<DenoiseResponse>, Status> {
         let info = self.info.get().ok_or_else(|| status::warming_up(STAGE))?;
         let step = self.validate(request.get_ref(), info)?;
-        let out = self
-            .worker
-            .run(move |m| m.denoise(step))
-            .await
-            .map_err(status::worker)?
-            .map_err(|e| status::model(STAGE, e))?;
-        let model_output = wire::from_tch(&out).map_err(|e| status::model(STAGE, e.into()))?;
+        let out = self.batcher.submit(step).await.map_err(batch_status)?;
+        tracing::Span::current().record("batch_rows", out.batch_rows);
+        let model_output =
+            wire::from_tch(&out.output).map_err(|e| status::model(STAGE, e.into()))?;
         Ok(Response::new(DenoiseResponse {
             model_output: Some(model_output),
+            batch_rows: out.batch_rows as u32,
+            batch_calls: out.batch_calls as u32,
+            queue_wait_seconds: out.queue_wait.as_secs_f64(),
+            compute_seconds: out.compute.as_secs_f64(),
         }))
+    }
+}
+
+/// Maps batching failures to statuses; overload carries a retry hint.
+fn batch_status(e: BatchError) -> Status {
+    match &e {
+        BatchError::Overloaded { .. } => {
+            let mut status = Status::resource_exhausted(e.to_string());
+            status.metadata_mut().insert(
+                "retry-after-ms",
+                tonic::metadata::MetadataValue::from(100u32),
+            );
+            status
+        }
+        BatchError::Stopped => Status::unavailable(e.to_string()),
+        BatchError::Failed {
+            kind: FailureKind::Input,
+            ..
+        } => Status::invalid_argument(e.to_string()),
+        BatchError::Failed {
+            kind: FailureKind::OutOfMemory,
+            ..
+        } => Status::resource_exhausted(e.to_string()),
+        BatchError::Failed {
+            kind: FailureKind::Internal,
+            ..
+        } => Status::internal(e.to_string()),
     }
 }
 
@@ -277,6 +252,7 @@ impl DenoiserService for Denoiser {
 /// folder cannot be loaded (the error names the file).
 pub async fn run(
     args: StageArgs,
+    batch: BatchArgs,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -295,8 +271,22 @@ pub async fn run(
     let info = Arc::new(OnceLock::new());
     let ready = info.clone();
     let load_args = args.clone();
-    let (worker, loaded) = Worker::spawn(STAGE, args.max_queue, move || {
-        let model = Model::load(&load_args)?;
+    let config = BatchConfig {
+        max_batch: batch.max_batch.max(1),
+        max_wait: std::time::Duration::from_millis(batch.batch_wait_ms),
+        max_pending: args.max_queue.max(1),
+    };
+    let (batcher, loaded) = Batcher::spawn(config, move || {
+        let unet = UNet2DConditionModel::load(
+            &load_args.model.join("unet"),
+            load_args.device.0,
+            load_args.dtype.0,
+        )?;
+        let model = Model {
+            unet,
+            device: load_args.device.0,
+        };
+        model.warm_up()?;
         let c = model.unet.config();
         let _ = ready.set(DenoiserServiceInfoResponse {
             model: Some(load_args.model_info("unet")),
@@ -306,10 +296,11 @@ pub async fn run(
             sample_size: c.sample_size as u32,
             scheduler_config_json,
             prediction_type,
+            latent_multiple: c.downsample_factor() as u32,
         });
         Ok(model)
     });
-    let service = DenoiserServiceServer::new(Denoiser { worker, info })
+    let service = DenoiserServiceServer::new(Denoiser { batcher, info })
         .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
     let router = sd_server::builder()
