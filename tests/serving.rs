@@ -1,0 +1,283 @@
+//! Serving behaviour across real processes: step batching in the denoiser, failover when a
+//! replica dies mid-generation, cancellation, admission limits, and replicas added later.
+
+use sd_e2e::{Service, tiny_model};
+use sd_proto::{
+    stage::{DataType, DenoiseRequest, Tensor, denoiser_service_client::DenoiserServiceClient},
+    v1::{GenerateRequest, GenerateStreamRequest, generate_stream_response::Event},
+};
+use std::time::Duration;
+use tonic::Code;
+
+fn request(seed: u64, steps: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a yellow star".into(),
+        negative_prompt: "grey".into(),
+        width: Some(64),
+        height: Some(64),
+        steps: Some(steps),
+        seed: Some(seed),
+        ..Default::default()
+    }
+}
+
+async fn stage(binary: &str, extra: &[&str]) -> Service {
+    let model = tiny_model("sd1");
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut s = Service::start(binary, &args);
+    s.wait_serving(Duration::from_secs(120)).await;
+    s
+}
+
+async fn orchestrator(te: &str, dn: &str, vae: &str, extra: &[&str]) -> Service {
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--text-encoder",
+        te,
+        "--denoiser",
+        dn,
+        "--vae",
+        vae,
+    ];
+    args.extend_from_slice(extra);
+    let mut s = Service::start("sd-orchestrator", &args);
+    s.wait_serving(Duration::from_secs(120)).await;
+    s
+}
+
+fn zeros(dtype: DataType, shape: &[i64], bytes: usize) -> Tensor {
+    Tensor {
+        dtype: dtype as i32,
+        shape: shape.to_vec(),
+        data: vec![0u8; bytes].into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_generations_share_denoiser_forwards() {
+    let te = stage("sd-text-encoder", &[]).await;
+    let d1 = stage("sd-denoiser", &["--batch-wait-ms", "50"]).await;
+    let d2 = stage("sd-denoiser", &["--batch-wait-ms", "50"]).await;
+    let vae = stage("sd-vae", &[]).await;
+    let orch = orchestrator(
+        &te.url(),
+        &format!("{},{}", d1.url(), d2.url()),
+        &vae.url(),
+        &[],
+    )
+    .await;
+
+    // Eight generations at once through two replicas all succeed.
+    let client = sd_e2e::client(&orch.url()).await;
+    let runs: Vec<_> = (0..8u64)
+        .map(|i| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.generate(request(100 + i, 6)).await })
+        })
+        .collect();
+    for run in runs {
+        let r = run.await.unwrap().unwrap().into_inner();
+        assert_eq!(r.images.len(), 1);
+        let t = r.timings.unwrap();
+        assert!(t.denoise_seconds > 0.0 && t.total_seconds >= t.denoise_seconds);
+    }
+
+    // Steps of different "generations" (different timesteps) sent together join one forward.
+    let mut dn = DenoiserServiceClient::connect(d1.url()).await.unwrap();
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let mut dn = dn.clone();
+            tokio::spawn(async move {
+                dn.denoise(DenoiseRequest {
+                    sample: Some(zeros(DataType::Float32, &[1, 4, 8, 8], 4 * 64 * 4)),
+                    timesteps: Some(Tensor::from_f32(&[1], &[100.0 * i as f32])),
+                    encoder_hidden_states: Some(zeros(
+                        DataType::Float32,
+                        &[2, 77, 32],
+                        2 * 77 * 32 * 4,
+                    )),
+                    guidance_scale: vec![7.5],
+                    guidance_rescale: vec![],
+                })
+                .await
+            })
+        })
+        .collect();
+    let mut largest = 0;
+    for call in calls {
+        let r = call.await.unwrap().unwrap().into_inner();
+        largest = largest.max(r.batch_calls);
+    }
+    assert!(largest > 1, "no batch had more than one call");
+    // A lone call still works and is its own batch.
+    let r = dn
+        .denoise(DenoiseRequest {
+            sample: Some(zeros(DataType::Float32, &[1, 4, 8, 8], 4 * 64 * 4)),
+            timesteps: Some(Tensor::from_f32(&[1], &[10.0])),
+            encoder_hidden_states: Some(zeros(DataType::Float32, &[1, 77, 32], 77 * 32 * 4)),
+            guidance_scale: vec![],
+            guidance_rescale: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.batch_calls, r.batch_rows), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_dying_mid_generation_changes_nothing() {
+    let te = stage("sd-text-encoder", &[]).await;
+    let mut d1 = Some(stage("sd-denoiser", &[]).await);
+    let d2 = stage("sd-denoiser", &[]).await;
+    let vae = stage("sd-vae", &[]).await;
+    let denoisers = format!("{},{}", d1.as_ref().unwrap().url(), d2.url());
+    let orch = orchestrator(&te.url(), &denoisers, &vae.url(), &[]).await;
+    let mut client = sd_e2e::client(&orch.url()).await;
+
+    let reference = client
+        .generate(request(4242, 30))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = client
+        .generate_stream(GenerateStreamRequest {
+            request: Some(request(4242, 30)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut result = None;
+    while let Some(event) = stream.message().await.unwrap() {
+        match event.event {
+            Some(Event::Progress(p)) if p.step == 5 => drop(d1.take()), // kill replica 1
+            Some(Event::Result(r)) => result = Some(r),
+            _ => {}
+        }
+    }
+    assert!(d1.is_none(), "the replica was never killed");
+    let result = result.expect("the generation completed");
+    assert_eq!(
+        result.images[0].data, reference.images[0].data,
+        "failover changed the image"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_stream_stops_the_generation_and_frees_its_slot() {
+    let te = stage("sd-text-encoder", &[]).await;
+    let dn = stage("sd-denoiser", &[]).await;
+    let vae = stage("sd-vae", &[]).await;
+    let orch = orchestrator(
+        &te.url(),
+        &dn.url(),
+        &vae.url(),
+        &["--max-concurrent-generations", "1"],
+    )
+    .await;
+    let mut client = sd_e2e::client(&orch.url()).await;
+    let mut stream = client
+        .generate_stream(GenerateStreamRequest {
+            request: Some(request(1, 150)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        stream.message().await.unwrap().unwrap();
+    }
+    drop(stream);
+    // The one generation slot comes back within a step or two: a new request is admitted.
+    let mut admitted = None;
+    for _ in 0..100 {
+        match client.generate(request(2, 2)).await {
+            Ok(r) => {
+                admitted = Some(r.into_inner());
+                break;
+            }
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("{s}"),
+        }
+    }
+    assert!(admitted.is_some(), "the cancelled generation kept its slot");
+    assert!(
+        orch.stderr().contains("cancelled by the client"),
+        "{}",
+        orch.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_beyond_the_limit_is_refused_while_admitted_requests_complete() {
+    let te = stage("sd-text-encoder", &[]).await;
+    let dn = stage("sd-denoiser", &[]).await;
+    let vae = stage("sd-vae", &[]).await;
+    let orch = orchestrator(
+        &te.url(),
+        &dn.url(),
+        &vae.url(),
+        &["--max-concurrent-generations", "2"],
+    )
+    .await;
+    let client = sd_e2e::client(&orch.url()).await;
+    let runs: Vec<_> = (0..10u64)
+        .map(|i| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.generate(request(i, 20)).await })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for run in runs {
+        match run.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r.into_inner().images.len(), 1);
+                ok += 1;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s}");
+                assert!(s.metadata().get("retry-after-ms").is_some());
+                refused += 1;
+            }
+        }
+    }
+    assert!(ok >= 2 && refused >= 1, "ok {ok}, refused {refused}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_added_later_receives_work() {
+    let te = stage("sd-text-encoder", &[]).await;
+    let mut d1 = Some(stage("sd-denoiser", &[]).await);
+    let vae = stage("sd-vae", &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("denoisers.txt");
+    std::fs::write(&list, format!("{}\n", d1.as_ref().unwrap().url())).unwrap();
+    let orch = orchestrator(
+        &te.url(),
+        &format!("file://{}", list.display()),
+        &vae.url(),
+        &["--resolve-interval", "0.5"],
+    )
+    .await;
+    let mut client = sd_e2e::client(&orch.url()).await;
+    client.generate(request(3, 2)).await.unwrap();
+
+    let d2 = stage("sd-denoiser", &[]).await;
+    std::fs::write(
+        &list,
+        format!("{}\n{}\n", d1.as_ref().unwrap().url(), d2.url()),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // With the first replica gone, only the added one can serve the steps.
+    drop(d1.take());
+    let r = client.generate(request(3, 2)).await.unwrap().into_inner();
+    assert_eq!(r.images.len(), 1);
+}
