@@ -513,3 +513,28 @@ async fn denoiser_metrics_count_every_rpc() {
         "target_info names the service:\n{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_collector_never_fails_a_generation() {
+    // Port 1 on loopback: nothing listens, every export is refused.
+    let cluster = start_cluster("http://127.0.0.1:1").await;
+    let mut client = cluster.client().await;
+    for _ in 0..2 {
+        let reply = client.generate(request()).await.unwrap().into_inner();
+        assert_eq!(reply.images.len(), 1);
+    }
+    // Batches are exported every 50 ms: give the exporter time to fail and say so.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stderr = cluster.orchestrator.stderr();
+    assert_eq!(
+        stderr
+            .matches("cannot export spans to the OTLP collector")
+            .count(),
+        1,
+        "one warning when the collector is unreachable, not one per batch:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("ERROR"),
+        "an unreachable collector is not an error:\n{stderr}"
+    );
+}

@@ -190,3 +190,53 @@ where
     router.serve_with_incoming_shutdown(incoming, drain).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    /// Both kinds of router go through `serve`, and a traced one answers calls.
+    #[tokio::test]
+    async fn a_traced_router_serves_and_drains() {
+        let (health, health_service) = Health::new("test.Service").await;
+        health.set_serving().await;
+        let router: TracedRouter = traced_builder().add_service(health_service);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(router, listener, health, async {
+            let _ = stopped.await;
+        }));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::with_interceptor(channel, telemetry::inject);
+        let reply = client
+            .check(HealthCheckRequest {
+                service: "test.Service".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32);
+        let unknown = client
+            .check(HealthCheckRequest {
+                service: "no.Such".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+
+        // The plain builder's routers still fit `serve` (what every service uses today).
+        let (health, health_service) = Health::new("test.Service").await;
+        let router = builder().add_service(health_service);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        serve(router, listener, health, async {}).await.unwrap();
+    }
+}

@@ -12,9 +12,11 @@
 //!   service code.
 //! - **Logs**: text or JSON on stderr; inside a span each line carries `trace_id`.
 //!
-//! An unreachable collector is logged as a warning by the exporter and never fails a request:
-//! export runs on background threads, and the connection is made lazily.
+//! An unreachable collector is one warning (and one line when it is back), never a failed
+//! request: export runs on background threads, the connection is made lazily, and what
+//! cannot be delivered is dropped.
 
+mod export;
 mod format;
 pub mod grpc;
 pub mod metrics;
@@ -241,7 +243,8 @@ pub async fn init(default_service_name: &str, args: &LogArgs) -> anyhow::Result<
             .with_endpoint(endpoint.clone())
             .build()
             .map_err(|e| anyhow::anyhow!("OTLP span exporter for {endpoint}: {e}"))?;
-        tracer_builder = tracer_builder.with_batch_exporter(exporter);
+        tracer_builder =
+            tracer_builder.with_batch_exporter(export::QuietSpans::new(exporter, endpoint));
     }
     let tracer_provider = tracer_builder.build();
     let tracer = tracer_provider.tracer(service_name.clone());
@@ -263,7 +266,9 @@ pub async fn init(default_service_name: &str, args: &LogArgs) -> anyhow::Result<
             .with_endpoint(endpoint.clone())
             .build()
             .map_err(|e| anyhow::anyhow!("OTLP metric exporter for {endpoint}: {e}"))?;
-        meter_builder = meter_builder.with_reader(PeriodicReader::builder(exporter).build());
+        meter_builder = meter_builder.with_reader(
+            PeriodicReader::builder(export::QuietMetrics::new(exporter, endpoint)).build(),
+        );
     }
     let meter_provider = meter_builder.build();
     opentelemetry::global::set_meter_provider(meter_provider.clone());
