@@ -19,12 +19,14 @@ STEPS     ?= 20
 DEMO_OUT  ?= out/demo.png
 DEMO_MODEL ?= .cache/models/tiny-sd1
 
-.PHONY: help setup demo test build lint fmt buf-lint clean
+.PHONY: help setup demo test build lint fmt buf-lint clean images k8s-check
 
 help:
 	@echo "make demo   PROMPT=\"...\"   generate $(DEMO_OUT) from a prompt (all four services, in one process)"
 	@echo "make test                   run every test (unit, parity, end-to-end, proto lint)"
 	@echo "make setup                  only install the Python venv with libtorch (done by both)"
+	@echo "make images                 build the four container images (needs a container engine)"
+	@echo "make k8s-check              render and validate the Kubernetes manifests (part of make test)"
 
 ## Set-up ---------------------------------------------------------------------------------
 setup: $(STAMP)
@@ -58,7 +60,7 @@ demo: setup
 build: setup
 	cargo build --workspace --bins
 
-test: setup build buf-lint lint
+test: setup build buf-lint lint k8s-check
 	cargo fmt --all -- --check
 	cargo test --workspace --no-fail-fast
 
@@ -70,6 +72,23 @@ lint: setup
 
 fmt:
 	cargo fmt --all
+
+## Deployment -----------------------------------------------------------------------------
+# Offline: every overlay in deploy/k8s renders (kubectl kustomize), validates with
+# kubernetes-validate --strict, and keeps the properties tests/python/test_manifests.py asserts.
+k8s-check: setup
+	$(PY) tests/python/test_manifests.py
+
+# Needs a running container engine (docker buildx with BuildKit); machines with only the
+# docker client, like the CI machines, cannot run it. IMAGE_PUSH=--push to push.
+IMAGE_REPO ?= sd-grpc
+IMAGE_TAG  ?= dev
+IMAGE_PUSH ?= --load
+images:
+	for t in text-encoder denoiser vae orchestrator; do \
+	  docker buildx build -f deploy/docker/Dockerfile --target $$t \
+	    -t $(IMAGE_REPO)/$$t:$(IMAGE_TAG) $(IMAGE_PUSH) . || exit 1; \
+	done
 
 clean:
 	cargo clean
