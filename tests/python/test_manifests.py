@@ -16,6 +16,7 @@ Needs `kubectl` (with its built-in kustomize) and the venv from tests/python/req
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,11 @@ def check_services(docs: list[dict]) -> None:
         assert flag in args, f"orchestrator args lack {flag}"
         want = f"http://{name}:{port}"
         assert args[args.index(flag) + 1] == want, f"orchestrator {flag} is not {want}"
+    for name, d in by_kind(docs, "Deployment").items():
+        image = d["spec"]["template"]["spec"]["containers"][0]["image"]
+        target = name.removeprefix("sd-")
+        repo = image.rsplit("/", 1)[-1].split("@")[0].split(":")[0]
+        assert repo == target, f"{name} runs {image}, not the {target} image"
     orch_svc = services["sd-orchestrator"]
     assert orch_svc["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert orch_svc["spec"].get("clusterIP") != "None"
@@ -242,6 +248,26 @@ def check_gpu(docs: list[dict]) -> None:
     assert gpus(deploys["sd-orchestrator"]) == (None, None), "the orchestrator needs no GPU"
 
 
+def check_images() -> None:
+    """The Dockerfile cannot be built here (no container engine): keep its contract checked."""
+    text = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, re.M | re.I)
+    for target in list(STAGE_PORTS) + ["orchestrator"]:
+        assert target in stages, f"Dockerfile has no target {target}"
+        body = text.split(f" AS {target}\n", 1)[1].split("\nFROM ", 1)[0]
+        assert f"sd-{target}" in body, f"target {target} does not ship sd-{target}"
+    assert "cargo build --release --locked" in text
+    assert "tests/python/requirements.txt" in text, "the torch pin must come from the requirements"
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and all(not u.startswith(("0", "root")) for u in users), users
+    runtime = text.split(" AS orchestrator\n", 1)[1]
+    assert "torch" not in runtime.lower(), "the orchestrator image must not carry libtorch"
+    assert not re.search(r"^(COPY|ADD)\s.*\s/models/?\s*$", text, re.M), "weights are never baked in"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in ("target/", ".venv/", ".cache/", "out/"):
+        assert path in ignored, f".dockerignore lacks {path}"
+
+
 COMMON = [check_services, check_probes, check_security, check_models_volume, check_hpa,
           check_pdbs_and_netpol, check_config]
 PER_OVERLAY = {"cpu": [check_cpu], "gpu": [check_gpu]}
@@ -252,6 +278,8 @@ def main() -> None:
 
     found = sorted(p.name for p in OVERLAYS.iterdir() if (p / "kustomization.yaml").exists())
     assert set(PER_OVERLAY) <= set(found), f"overlays missing: {set(PER_OVERLAY) - set(found)}"
+    check_images()
+    print("PASS images: Dockerfile targets, non-root users, .dockerignore")
     with tempfile.TemporaryDirectory() as tmp:
         for overlay in found:
             docs = render(overlay)
