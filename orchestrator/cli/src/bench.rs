@@ -19,6 +19,9 @@ pub struct BenchArgs {
 enum Target {
     /// Time one guided U-Net step (batch 2: uncond + cond).
     Unet(UnetArgs),
+    /// Throughput and per-stage latency of the whole service (all stages in-process, gRPC on
+    /// loopback) at several concurrency levels, batching on and off.
+    Serve(crate::bench_serve::ServeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,9 +56,10 @@ struct UnetArgs {
     seed: i64,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.target {
         Target::Unet(a) => unet(a),
+        Target::Serve(a) => crate::bench_serve::run(a).await,
     }
 }
 

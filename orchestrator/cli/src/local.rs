@@ -32,6 +32,16 @@ impl Cluster {
     /// Starts everything and waits until the orchestrator reports SERVING (every stage loaded
     /// and warmed up). A stage that fails to load ends this with its error.
     pub async fn start(model: &Path, device: &str, dtype: &str) -> anyhow::Result<Self> {
+        Self::start_with(model, device, dtype, sd_denoiser::BatchArgs::default()).await
+    }
+
+    /// [`Cluster::start`] with the denoiser's batching settings.
+    pub async fn start_with(
+        model: &Path,
+        device: &str,
+        dtype: &str,
+        batch: sd_denoiser::BatchArgs,
+    ) -> anyhow::Result<Self> {
         let stage = StageArgs {
             model: model.to_path_buf(),
             model_id: None,
@@ -59,6 +69,7 @@ impl Cluster {
         args.text_encoder = url(&te)?;
         args.denoiser = url(&dn)?;
         args.vae = url(&vae)?;
+        args.max_concurrent_generations = 64;
         let orchestrator = orch.local_addr()?;
         let services = vec![
             (
@@ -69,7 +80,7 @@ impl Cluster {
                 "denoiser",
                 tokio::spawn(sd_denoiser::run(
                     stage.clone(),
-                    sd_denoiser::BatchArgs::default(),
+                    batch,
                     dn,
                     stopped(rx.clone()),
                 )),

@@ -6,6 +6,7 @@
 //! stops them when done.
 
 mod bench;
+mod bench_serve;
 mod generate;
 mod local;
 mod tokenize;
@@ -49,7 +50,7 @@ async fn main() -> std::process::ExitCode {
     };
     let outcome = match cli.command {
         Command::Generate(args) => generate::run(args).await,
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(args).await,
         Command::Tokenize(args) => tokenize::run(args),
     };
     telemetry.shutdown().await;
