@@ -24,6 +24,7 @@ pub struct ImageGeneration {
     /// One permit per generation allowed to run at once; none left means RESOURCE_EXHAUSTED.
     admission: Arc<Semaphore>,
     max_concurrent: usize,
+    metrics: sd_server::telemetry::metrics::Orchestrator,
 }
 
 impl ImageGeneration {
@@ -34,6 +35,7 @@ impl ImageGeneration {
             limits,
             admission: Arc::new(Semaphore::new(max_concurrent)),
             max_concurrent,
+            metrics: sd_server::telemetry::metrics::Orchestrator::new(),
         }
     }
 
@@ -87,8 +89,14 @@ impl ImageGenerationService for ImageGeneration {
         let deadline = deadline(request.metadata());
         let params = self.validate(request.into_inner())?;
         let _permit = self.admit()?;
-        let response = self.pipeline.generate(&params, deadline, |_| true).await?;
-        Ok(Response::new(response))
+        let generation = self.metrics.generation_started();
+        let outcome = self.pipeline.generate(&params, deadline, |_| true).await;
+        generation.finished(
+            outcome
+                .as_ref()
+                .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+        );
+        Ok(Response::new(outcome?))
     }
 
     type GenerateStreamStream = EventStream;
@@ -105,6 +113,7 @@ impl ImageGenerationService for ImageGeneration {
         let (tx, rx) = mpsc::channel(16);
         let pipeline = self.pipeline.clone();
         let span = tracing::Span::current();
+        let generation = self.metrics.generation_started();
         let work = async move {
             let _permit = permit;
             let events = tx.clone();
@@ -121,6 +130,11 @@ impl ImageGenerationService for ImageGeneration {
                     )
                 })
                 .await;
+            generation.finished(
+                outcome
+                    .as_ref()
+                    .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+            );
             let last = outcome.map(|r| GenerateStreamResponse {
                 event: Some(Event::Result(r)),
             });

@@ -17,6 +17,7 @@ use sd_proto::stage::{
     denoiser_service_client::DenoiserServiceClient,
     text_encoder_service_client::TextEncoderServiceClient, vae_service_client::VaeServiceClient,
 };
+use sd_server::telemetry::{Inject, metrics::Orchestrator as Metrics};
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
@@ -28,8 +29,12 @@ use std::{
 };
 use tonic::{
     Code, Status,
+    service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
+
+/// A channel whose calls carry the current span's W3C trace context.
+pub type Traced = InterceptedService<Channel, Inject>;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -60,6 +65,7 @@ pub struct Stage {
     replicas: RwLock<Vec<Arc<Replica>>>,
     timeouts: Timeouts,
     budget: RetryBudget,
+    metrics: Metrics,
 }
 
 /// One entry of an address list.
@@ -142,6 +148,7 @@ impl Stage {
             replicas: RwLock::new(Vec::new()),
             timeouts,
             budget: RetryBudget::new(),
+            metrics: Metrics::new(),
         });
         stage.resolve().await;
         Ok(stage)
@@ -307,12 +314,12 @@ impl Stage {
     /// deadline is nearer). Errors become statuses that name the stage and replica.
     pub async fn call<T, F, Fut>(
         &self,
-        what: &str,
+        what: &'static str,
         deadline: Option<Instant>,
         f: F,
     ) -> Result<(T, String), Status>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(Traced, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let mut tried = Vec::new();
@@ -341,8 +348,16 @@ impl Stage {
                 )));
             };
             replica.outstanding.fetch_add(1, Ordering::Relaxed);
-            let outcome = f(replica.channel.clone(), timeout).await;
+            let started = Instant::now();
+            let outcome = f(
+                InterceptedService::new(replica.channel.clone(), Inject),
+                timeout,
+            )
+            .await;
             replica.outstanding.fetch_sub(1, Ordering::Relaxed);
+            let code = outcome.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+            self.metrics
+                .record_stage_call(self.name, what, started.elapsed(), code);
             match outcome {
                 Ok(response) => {
                     self.budget.deposit();
@@ -439,21 +454,21 @@ impl RetryBudget {
 }
 
 /// A text-encoder client on `channel` with the system's message limits.
-pub fn text_encoder(channel: Channel) -> TextEncoderServiceClient<Channel> {
+pub fn text_encoder(channel: Traced) -> TextEncoderServiceClient<Traced> {
     TextEncoderServiceClient::new(channel)
         .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
 }
 
 /// A denoiser client on `channel` with the system's message limits.
-pub fn denoiser(channel: Channel) -> DenoiserServiceClient<Channel> {
+pub fn denoiser(channel: Traced) -> DenoiserServiceClient<Traced> {
     DenoiserServiceClient::new(channel)
         .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
 }
 
 /// A VAE client on `channel` with the system's message limits.
-pub fn vae(channel: Channel) -> VaeServiceClient<Channel> {
+pub fn vae(channel: Traced) -> VaeServiceClient<Traced> {
     VaeServiceClient::new(channel)
         .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES)

@@ -10,6 +10,7 @@
 
 use crate::model::{Model, Step};
 use sd_models::ModelError;
+use sd_server::telemetry::metrics::Stage as Metrics;
 use std::{
     collections::VecDeque,
     panic::AssertUnwindSafe,
@@ -98,6 +99,7 @@ pub struct Batcher {
     tx: Sender<Pending>,
     pending: Arc<AtomicUsize>,
     config: BatchConfig,
+    metrics: Metrics,
 }
 
 impl Batcher {
@@ -105,18 +107,20 @@ impl Batcher {
     /// the returned receiver, then serves batches.
     pub fn spawn(
         config: BatchConfig,
+        metrics: Metrics,
         load: impl FnOnce() -> Result<Model, ModelError> + Send + 'static,
     ) -> (Self, oneshot::Receiver<Result<(), ModelError>>) {
         let (tx, rx) = mpsc::channel::<Pending>();
         let (loaded_tx, loaded_rx) = oneshot::channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let counter = pending.clone();
+        let thread_metrics = metrics.clone();
         let spawned = std::thread::Builder::new()
             .name("denoiser-model".into())
             .spawn(move || match load() {
                 Ok(model) => {
                     let _ = loaded_tx.send(Ok(()));
-                    serve(&model, &rx, &counter, config);
+                    serve(&model, &rx, &counter, config, &thread_metrics);
                 }
                 Err(e) => {
                     let _ = loaded_tx.send(Err(e));
@@ -130,6 +134,7 @@ impl Batcher {
                 tx,
                 pending,
                 config,
+                metrics,
             },
             loaded_rx,
         )
@@ -159,8 +164,10 @@ impl Batcher {
             enqueued: Instant::now(),
             span: tracing::Span::current(),
         };
+        self.metrics.enqueued();
         if self.tx.send(item).is_err() {
             self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.dequeued();
             return Err(BatchError::Stopped);
         }
         answer.await.map_err(|_| BatchError::Stopped)?
@@ -168,7 +175,13 @@ impl Batcher {
 }
 
 /// The model thread's loop.
-fn serve(model: &Model, rx: &Receiver<Pending>, pending: &AtomicUsize, config: BatchConfig) {
+fn serve(
+    model: &Model,
+    rx: &Receiver<Pending>,
+    pending: &AtomicUsize,
+    config: BatchConfig,
+    metrics: &Metrics,
+) {
     let mut held: VecDeque<Pending> = VecDeque::new();
     loop {
         let first = match held.pop_front() {
@@ -182,6 +195,7 @@ fn serve(model: &Model, rx: &Receiver<Pending>, pending: &AtomicUsize, config: B
         let mut rows = 0;
         let admit = |p: Pending, batch: &mut Vec<Pending>, rows: &mut usize| {
             pending.fetch_sub(1, Ordering::AcqRel);
+            metrics.dequeued();
             if p.reply.is_closed() {
                 return; // the client went away: free its slot without computing it
             }
@@ -217,14 +231,18 @@ fn serve(model: &Model, rx: &Receiver<Pending>, pending: &AtomicUsize, config: B
             }
         }
         if !batch.is_empty() {
-            run(model, batch, rows);
+            run(model, batch, rows, metrics);
         }
     }
 }
 
 /// Runs one batch and answers every call in it.
-fn run(model: &Model, batch: Vec<Pending>, rows: usize) {
+fn run(model: &Model, batch: Vec<Pending>, rows: usize, metrics: &Metrics) {
     let started = Instant::now();
+    metrics.record_batch_size(rows);
+    for p in &batch {
+        metrics.record_queue_wait(started.saturating_duration_since(p.enqueued));
+    }
     let calls = batch.len();
     let span = tracing::info_span!("denoise_batch", rows, calls);
     for p in &batch {
@@ -251,6 +269,7 @@ fn run(model: &Model, batch: Vec<Pending>, rows: usize) {
         }
     };
     let compute = started.elapsed();
+    metrics.record_compute(compute);
     match outcome {
         Ok(outputs) => {
             for ((reply, enqueued), output) in replies.into_iter().zip(outputs) {

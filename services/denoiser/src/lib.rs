@@ -72,6 +72,7 @@ impl Default for BatchArgs {
 /// The gRPC service.
 pub struct Denoiser {
     batcher: Batcher,
+    metrics: sd_server::telemetry::metrics::Stage,
     info: Arc<OnceLock<DenoiserServiceInfoResponse>>,
 }
 
@@ -207,7 +208,12 @@ impl DenoiserService for Denoiser {
     ) -> Result<Response<DenoiseResponse>, Status> {
         let info = self.info.get().ok_or_else(|| status::warming_up(STAGE))?;
         let step = self.validate(request.get_ref(), info)?;
-        let out = self.batcher.submit(step).await.map_err(batch_status)?;
+        let _inflight = self.metrics.inflight();
+        let out = self.batcher.submit(step).await.map_err(|e| {
+            let status = batch_status(e);
+            self.metrics.error(status.code());
+            status
+        })?;
         tracing::Span::current().record("batch_rows", out.batch_rows);
         let model_output =
             wire::from_tch(&out.output).map_err(|e| status::model(STAGE, e.into()))?;
@@ -276,7 +282,8 @@ pub async fn run(
         max_wait: std::time::Duration::from_millis(batch.batch_wait_ms),
         max_pending: args.max_queue.max(1),
     };
-    let (batcher, loaded) = Batcher::spawn(config, move || {
+    let metrics = sd_server::telemetry::metrics::Stage::new(STAGE);
+    let (batcher, loaded) = Batcher::spawn(config, metrics.clone(), move || {
         let unet = UNet2DConditionModel::load(
             &load_args.model.join("unet"),
             load_args.device.0,
@@ -300,9 +307,13 @@ pub async fn run(
         });
         Ok(model)
     });
-    let service = DenoiserServiceServer::new(Denoiser { batcher, info })
-        .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
+    let service = DenoiserServiceServer::new(Denoiser {
+        batcher,
+        metrics,
+        info,
+    })
+    .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
     let router = sd_server::builder()
         .add_service(health_service)
         .add_service(sd_server::reflection(&[service_names::DENOISER])?)

@@ -303,6 +303,18 @@ pub async fn init(default_service_name: &str, args: &LogArgs) -> anyhow::Result<
         .with(rpc_layer)
         .try_init()
         .map_err(|e| anyhow::anyhow!("telemetry already initialised: {e}"))?;
+    // `try_init` routes the `log` crate into tracing at TRACE (the per-layer filters hide the
+    // real maximum), and dependencies such as `tokenizers` then build a record per character
+    // only for it to be filtered out: that made tokenizing 5x slower. Cap `log` at the level
+    // the log filter can show.
+    log::set_max_level(match log_filter().max_level_hint() {
+        Some(tracing::level_filters::LevelFilter::OFF) => log::LevelFilter::Off,
+        Some(tracing::level_filters::LevelFilter::ERROR) => log::LevelFilter::Error,
+        Some(tracing::level_filters::LevelFilter::WARN) => log::LevelFilter::Warn,
+        Some(tracing::level_filters::LevelFilter::INFO) => log::LevelFilter::Info,
+        Some(tracing::level_filters::LevelFilter::DEBUG) => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    });
 
     let (metrics_addr, metrics_server) = match t.metrics_listen {
         Some(addr) => {
