@@ -1,6 +1,8 @@
 //! Serving behaviour across real processes: step batching in the denoiser, failover when a
 //! replica dies mid-generation, cancellation, admission limits, and replicas added later.
 
+#![allow(clippy::unwrap_used)]
+
 use sd_e2e::{Service, tiny_model};
 use sd_proto::{
     stage::{DataType, DenoiseRequest, Tensor, denoiser_service_client::DenoiserServiceClient},

@@ -251,7 +251,7 @@ impl Pipeline {
                 .map_err(|e| Status::internal(format!("scheduler step {i}: {e}")))?;
             let step_no = i as u32 + 1;
             let preview = (params.preview_every > 0
-                && (step_no % params.preview_every == 0 || step_no == total))
+                && (step_no.is_multiple_of(params.preview_every) || step_no == total))
                 .then(|| preview::latents_to_png(&latents, &shape))
                 .flatten();
             let event = Progress {

@@ -268,11 +268,11 @@ impl Stage {
                     service: String::new(),
                 });
                 request.set_timeout(self.timeouts.connect);
-                if let Ok(reply) = client.check(request).await {
-                    if reply.into_inner().status == ServingStatus::Serving as i32 {
-                        replica.healthy.store(true, Ordering::Relaxed);
-                        tracing::info!(stage = self.name, replica = %replica.address, "replica healthy again");
-                    }
+                if let Ok(reply) = client.check(request).await
+                    && reply.into_inner().status == ServingStatus::Serving as i32
+                {
+                    replica.healthy.store(true, Ordering::Relaxed);
+                    tracing::info!(stage = self.name, replica = %replica.address, "replica healthy again");
                 }
             }
         }
@@ -578,7 +578,7 @@ mod tests {
             "{}",
             err.message()
         );
-        assert_eq!(s.replicas()[0].1, false);
+        assert!(!s.replicas()[0].1, "the replica stays marked healthy");
     }
 
     #[tokio::test]

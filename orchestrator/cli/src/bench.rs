@@ -69,7 +69,7 @@ fn unet(a: UnetArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.iters > 0, "--iters must be at least 1");
     let f = vae_factor(&a.model)?;
     anyhow::ensure!(
-        a.height % f == 0 && a.width % f == 0,
+        a.height.is_multiple_of(f) && a.width.is_multiple_of(f),
         "--height/--width must be multiples of the VAE factor {f}"
     );
     let unet_dir = a.model.join("unet");
