@@ -4,9 +4,9 @@
 
 use sd_models::ModelError;
 use sd_server::Health;
+use sd_server::TracedRouter as Router;
 use std::future::Future;
 use tokio::{net::TcpListener, sync::oneshot};
-use tonic::transport::server::Router;
 
 /// Serves `router` on `listener` while the model loads; returns when `shutdown` resolves, or
 /// with an error when loading fails.
