@@ -58,7 +58,7 @@ demo: setup
 
 ## Tests ----------------------------------------------------------------------------------
 build: setup
-	cargo build --workspace --bins
+	cargo build --locked --workspace --bins
 
 test: setup build buf-lint lint k8s-check
 	cargo fmt --all -- --check
