@@ -1,10 +1,11 @@
 //! Noise-schedule math shared by the schedulers: training betas and ᾱ (alphas_cumprod), and
 //! the choice of inference timesteps.
 //!
-//! Everything is computed in f64. diffusers keeps these tables in torch float32, whose
-//! `linspace` and `cumprod` round differently from any simple f64 formula, so exact equality is
-//! not on offer; f64 stays within ~1e-6 relative of diffusers' float32 values (checked by
-//! `tests/scheduler_parity.rs`), which is below what the float32 sampling loop resolves.
+//! diffusers keeps the training tables in torch float32, so they are reproduced value for value
+//! here: torch's CPU `linspace` (a float32 step, each value computed in double and rounded),
+//! squaring and `1 - β` in float32, and `cumprod` accumulated in double and rounded per element
+//! (torch's CPU accumulate type for float). The results are stored as f64 holding those exact
+//! float32 values; everything downstream is f64.
 
 use super::SchedulerError;
 use super::config::{BetaSchedule, SchedulerConfig, TimestepSpacing};
@@ -13,18 +14,25 @@ use super::config::{BetaSchedule, SchedulerConfig, TimestepSpacing};
 pub fn betas(config: &SchedulerConfig) -> Vec<f64> {
     let t = config.num_train_timesteps;
     let betas = if let Some(trained) = &config.trained_betas {
-        trained.clone()
+        trained.iter().map(|&b| to_f32(b)).collect()
     } else {
         match config.beta_schedule {
-            BetaSchedule::Linear => linspace(config.beta_start, config.beta_end, t),
+            BetaSchedule::Linear => torch_linspace_f32(config.beta_start, config.beta_end, t),
             // scheduling_ddim.__init__: linspace(beta_start**0.5, beta_end**0.5, T) ** 2.
             BetaSchedule::ScaledLinear => {
-                linspace(config.beta_start.sqrt(), config.beta_end.sqrt(), t)
+                torch_linspace_f32(config.beta_start.sqrt(), config.beta_end.sqrt(), t)
                     .into_iter()
-                    .map(|b| b * b)
+                    .map(|b| {
+                        let b = b as f32;
+                        f64::from(b * b)
+                    })
                     .collect()
             }
-            BetaSchedule::SquaredCosCapV2 => betas_for_alpha_bar_cosine(t, 0.999),
+            // betas_for_alpha_bar computes in Python floats, then torch.tensor(float32).
+            BetaSchedule::SquaredCosCapV2 => betas_for_alpha_bar_cosine(t, 0.999)
+                .into_iter()
+                .map(to_f32)
+                .collect(),
         }
     };
     if config.rescale_betas_zero_snr {
@@ -34,13 +42,43 @@ pub fn betas(config: &SchedulerConfig) -> Vec<f64> {
     }
 }
 
-/// ᾱ_t = Π_{s<=t} (1 − β_s) (DDPM, Ho et al. 2020, eq. 4 notation).
+/// Rounds to float32 (the dtype of diffusers' tables), kept as f64.
+fn to_f32(x: f64) -> f64 {
+    f64::from(x as f32)
+}
+
+/// torch's CPU `torch.linspace(start, end, n, dtype=float32)`: the endpoints and the step
+/// rounded to float32, each value `start + step * i` (first half) or `end - step * (n-1-i)`
+/// (second half) computed in double and rounded to float32. Checked value for value against
+/// torch 2.11 by `tests/scheduler_parity.rs` through the schedules built on it.
+fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f64> {
+    let (s, e) = (start as f32, end as f32);
+    if n == 1 {
+        return vec![f64::from(s)];
+    }
+    let step = f64::from((e - s) / (n - 1) as f32);
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            let v = if i < half {
+                f64::from(s) + step * i as f64
+            } else {
+                f64::from(e) - step * (n - 1 - i) as f64
+            };
+            to_f32(v)
+        })
+        .collect()
+}
+
+/// ᾱ_t = Π_{s<=t} (1 − β_s) (DDPM, Ho et al. 2020, eq. 4 notation), as torch computes it on
+/// float32 tensors: `1 - β` in float32, the running product in double, each ᾱ rounded to
+/// float32.
 pub fn alphas_cumprod(betas: &[f64]) -> Vec<f64> {
     betas
         .iter()
-        .scan(1.0, |acc, b| {
-            *acc *= 1.0 - b;
-            Some(*acc)
+        .scan(1.0f64, |acc, &b| {
+            *acc *= f64::from(1.0f32 - b as f32);
+            Some(to_f32(*acc))
         })
         .collect()
 }
@@ -80,19 +118,29 @@ fn betas_for_alpha_bar_cosine(t: usize, max_beta: f64) -> Vec<f64> {
 }
 
 /// `rescale_zero_terminal_snr` (Lin et al. 2023, algorithm 1): shift and scale √ᾱ so that the
-/// last timestep has zero signal while the first keeps its value.
+/// last timestep has zero signal while the first keeps its value. In float32, operation for
+/// operation as diffusers runs it on torch tensors.
 fn rescale_zero_terminal_snr(betas: &[f64]) -> Vec<f64> {
-    let sqrt_ac: Vec<f64> = alphas_cumprod(betas).iter().map(|a| a.sqrt()).collect();
+    let mut sqrt_ac: Vec<f32> = alphas_cumprod(betas)
+        .iter()
+        .map(|&a| (a as f32).sqrt())
+        .collect();
     let first = sqrt_ac[0];
     let last = sqrt_ac[sqrt_ac.len() - 1];
-    let alphas_bar: Vec<f64> = sqrt_ac
-        .iter()
-        .map(|s| ((s - last) * (first / (first - last))).powi(2))
-        .collect();
-    // Undo the cumulative product: α_0 = ᾱ_0, α_t = ᾱ_t / ᾱ_{t-1}.
+    let scale = first / (first - last);
+    for s in &mut sqrt_ac {
+        *s -= last;
+        *s *= scale;
+    }
+    let alphas_bar: Vec<f32> = sqrt_ac.iter().map(|s| s * s).collect();
+    // Undo the cumulative product: α_0 = ᾱ_0, α_t = ᾱ_t / ᾱ_{t-1}; β = 1 − α.
     let mut out = Vec::with_capacity(alphas_bar.len());
-    out.push(1.0 - alphas_bar[0]);
-    out.extend(alphas_bar.windows(2).map(|w| 1.0 - w[1] / w[0]));
+    out.push(f64::from(1.0f32 - alphas_bar[0]));
+    out.extend(
+        alphas_bar
+            .windows(2)
+            .map(|w| f64::from(1.0f32 - w[1] / w[0])),
+    );
     out
 }
 
