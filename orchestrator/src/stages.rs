@@ -365,7 +365,12 @@ impl Stage {
                 }
                 Err(status) if is_unreachable(&status) => {
                     replica.healthy.store(false, Ordering::Relaxed);
-                    tracing::warn!(stage = self.name, replica = %replica.address, "{what}: {}", status.message());
+                    if status.message().contains("warming up") {
+                        // Expected while a stage loads its weights: not worth a warning.
+                        tracing::info!(stage = self.name, replica = %replica.address, "{what}: {}", status.message());
+                    } else {
+                        tracing::warn!(stage = self.name, replica = %replica.address, "{what}: {}", status.message());
+                    }
                     tried.push(replica.address.clone());
                     let past = deadline.is_some_and(|d| Instant::now() >= d);
                     if past || !self.budget.withdraw() {
