@@ -3,6 +3,7 @@
 //! `variance_type="fixed_small"` (its default, and what Stable Diffusion configs use).
 
 use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
+use super::schedule::predicted_x0;
 use super::{Scheduler, SchedulerError, add_noise_alpha, check_step_args, schedule};
 use crate::rng::TorchGenerator;
 
@@ -122,11 +123,7 @@ impl Scheduler for DdpmScheduler {
             .zip(sample)
             .map(|(&m, &x)| {
                 // step's pred_original_sample (DDPM eq. 15 for ε).
-                let x0 = match self.prediction_type {
-                    PredictionType::Epsilon => (x - sqrt_b * m) / sqrt_a,
-                    PredictionType::Sample => m,
-                    PredictionType::VPrediction => sqrt_a * x - sqrt_b * m,
-                };
+                let x0 = predicted_x0(self.prediction_type, x, m, sqrt_a, sqrt_b);
                 let x0 = match self.clip_sample {
                     Some(r) => x0.clamp(-r, r),
                     None => x0,

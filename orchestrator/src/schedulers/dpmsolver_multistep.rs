@@ -5,6 +5,7 @@
 //! `algorithm_type="sde-dpmsolver++"`, "DPM++ 2M SDE" (Lu et al. 2022, section 5 / appendix).
 
 use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::schedule::predicted_x0;
 use super::sigmas::{karras_sigmas, log_sigmas, sigma_to_t};
 use super::{Scheduler, SchedulerError, check_step_args, schedule};
 use crate::rng::TorchGenerator;
@@ -236,11 +237,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let x0: Vec<f32> = model_output
             .iter()
             .zip(sample)
-            .map(|(&m, &x)| match self.prediction_type {
-                PredictionType::Epsilon => (x - sigma_s0 * m) / alpha_s0,
-                PredictionType::VPrediction => alpha_s0 * x - sigma_s0 * m,
-                PredictionType::Sample => m,
-            })
+            .map(|(&m, &x)| predicted_x0(self.prediction_type, x, m, alpha_s0, sigma_s0))
             .collect();
 
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step + 1]);

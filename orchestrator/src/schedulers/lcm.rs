@@ -2,6 +2,7 @@
 //! algorithm 3), following diffusers 0.42.1 `scheduling_lcm.py::LCMScheduler`.
 
 use super::config::{PredictionType, SchedulerConfig};
+use super::schedule::predicted_x0;
 use super::{Scheduler, SchedulerError, add_noise_alpha, check_step_args, schedule};
 use crate::rng::TorchGenerator;
 
@@ -140,11 +141,7 @@ impl Scheduler for LcmScheduler {
             .iter()
             .zip(sample)
             .map(|(&m, &x)| {
-                let x0 = match self.prediction_type {
-                    PredictionType::Epsilon => (x - sqrt_b * m) / sqrt_a,
-                    PredictionType::Sample => m,
-                    PredictionType::VPrediction => sqrt_a * x - sqrt_b * m,
-                };
+                let x0 = predicted_x0(self.prediction_type, x, m, sqrt_a, sqrt_b);
                 let x0 = match self.clip_sample {
                     Some(r) => x0.clamp(-r, r),
                     None => x0,

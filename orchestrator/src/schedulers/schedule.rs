@@ -8,7 +8,7 @@
 //! float32 values; everything downstream is f64.
 
 use super::SchedulerError;
-use super::config::{BetaSchedule, SchedulerConfig, TimestepSpacing};
+use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 
 /// The training betas, including `rescale_betas_zero_snr` when configured.
 pub fn betas(config: &SchedulerConfig) -> Vec<f64> {
@@ -39,6 +39,18 @@ pub fn betas(config: &SchedulerConfig) -> Vec<f64> {
         rescale_zero_terminal_snr(&betas)
     } else {
         betas
+    }
+}
+
+/// The data prediction x₀ from a model output `m` at sample `x`, where the noised sample is
+/// `x = alpha·x₀ + sigma·ε` (alpha = √ᾱ, sigma = √(1 − ᾱ) in the DDPM parametrisation): the
+/// `pred_original_sample` / `convert_model_output` formula the schedulers share (DDPM eq. 15 for
+/// ε; Salimans & Ho 2022 for v).
+pub fn predicted_x0(prediction: PredictionType, x: f32, m: f32, alpha: f32, sigma: f32) -> f32 {
+    match prediction {
+        PredictionType::Epsilon => (x - sigma * m) / alpha,
+        PredictionType::VPrediction => alpha * x - sigma * m,
+        PredictionType::Sample => m,
     }
 }
 

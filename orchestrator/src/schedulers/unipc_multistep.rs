@@ -5,6 +5,7 @@
 
 use super::config::{PredictionType, SchedulerConfig};
 use super::dpmsolver_multistep::{alpha_sigma, lambda, multistep_schedule};
+use super::schedule::predicted_x0;
 use super::{Scheduler, SchedulerError, check_step_args};
 use crate::rng::TorchGenerator;
 
@@ -138,11 +139,7 @@ impl Scheduler for UniPcMultistepScheduler {
         let x0: Vec<f32> = model_output
             .iter()
             .zip(sample)
-            .map(|(&m, &x)| match self.prediction_type {
-                PredictionType::Epsilon => (x - sigma_s * m) / alpha_s,
-                PredictionType::VPrediction => alpha_s * x - sigma_s * m,
-                PredictionType::Sample => m,
-            })
+            .map(|(&m, &x)| predicted_x0(self.prediction_type, x, m, alpha_s, sigma_s))
             .collect();
 
         // UniC (multistep_uni_c_bh_update): correct the sample the last predictor produced,
