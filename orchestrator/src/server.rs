@@ -106,10 +106,8 @@ pub async fn run(
     ))
     .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
-    let router = sd_server::traced_builder()
-        .add_service(health_service)
-        .add_service(sd_server::reflection(&[service_names::IMAGE_GENERATION])?)
-        .add_service(service);
+    let router =
+        sd_server::router(service_names::IMAGE_GENERATION, health_service)?.add_service(service);
     let served = sd_server::serve(router, listener, health, shutdown).await;
     watcher.abort();
     for task in maintainers {

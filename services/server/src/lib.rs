@@ -160,6 +160,17 @@ pub fn traced_builder() -> tonic::transport::Server<Layers> {
     builder().layer(telemetry::grpc::GrpcStatusLayer)
 }
 
+/// A [`traced_builder`] router already serving `health` and reflection for `service`: what
+/// every binary of the system starts from before adding its own service.
+pub fn router<H: tonic_health::pb::health_server::Health>(
+    service: &'static str,
+    health: tonic_health::pb::health_server::HealthServer<H>,
+) -> anyhow::Result<TracedRouter> {
+    Ok(traced_builder()
+        .add_service(health)
+        .add_service(reflection(&[service])?))
+}
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves `router` on `listener` until `shutdown` resolves; marks `health` NOT_SERVING first

@@ -225,10 +225,8 @@ pub async fn run(
     let service = TextEncoderServiceServer::new(TextEncoder { worker, info })
         .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
-    let router = sd_server::traced_builder()
-        .add_service(health_service)
-        .add_service(sd_server::reflection(&[service_names::TEXT_ENCODER])?)
-        .add_service(service);
+    let router =
+        sd_server::router(service_names::TEXT_ENCODER, health_service)?.add_service(service);
     serve_stage(STAGE, router, listener, health, shutdown, loaded).await
 }
 

@@ -211,9 +211,6 @@ pub async fn run(
     let service = VaeServiceServer::new(Vae { worker, info })
         .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
-    let router = sd_server::traced_builder()
-        .add_service(health_service)
-        .add_service(sd_server::reflection(&[service_names::VAE])?)
-        .add_service(service);
+    let router = sd_server::router(service_names::VAE, health_service)?.add_service(service);
     serve_stage(STAGE, router, listener, health, shutdown, loaded).await
 }
