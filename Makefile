@@ -36,7 +36,7 @@ setup: $(STAMP)
 $(STAMP): $(REQS)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r $(REQS)
+	$(PY) -m pip install --quiet --no-cache-dir -r $(REQS)
 	ln -sfn "$$($(PY) -c 'import os, torch; print(os.path.dirname(torch.__file__))')" $(VENV)/libtorch
 	@touch $@
 
