@@ -9,11 +9,11 @@
 //! Compared: timesteps exactly (fractional Karras timesteps within `TIMESTEP_TOL`); σ schedules
 //! within `SIGMAS_TOL` relative; `add_noise` at the middle step within `ADD_NOISE_TOL`; ᾱ
 //! (alphas_cumprod) within 1e-6 relative (the tables reproduce torch's float32 values; see the
-//! constants for where zero-SNR rescaling loosens that); the scaled model
-//! input of every step and the final latents within `FINAL_TOL` of the largest latent magnitude
-//! of the loop (the initial σ_max-scaled noise or the result). The latents' arithmetic is f32 in
-//! diffusers' order, so the residual difference comes from the f32-vs-f64 ᾱ tables; the test
-//! prints it per case.
+//! constants for where zero-SNR rescaling, through torch's MKL sqrt, loosens that); the scaled
+//! model input of every step and the final latents within `FINAL_TOL` of the largest latent
+//! magnitude of the loop (the initial σ_max-scaled noise or the result). The latents' arithmetic
+//! is f32 in diffusers' order, so the residual difference comes from the f32-vs-f64 ᾱ tables;
+//! the test prints it per case.
 
 use std::path::Path;
 use std::process::Command;
@@ -37,16 +37,23 @@ const TIMESTEP_TOL: f64 = 1e-6;
 /// 1e-6 (measured worst 2.2e-7 without zero-SNR rescaling).
 const SIGMAS_TOL: f64 = 1e-6;
 /// σ with `rescale_betas_zero_snr`: the rescale is ported in float32 operation by operation,
-/// yet one σ of the 50-step trailing schedule still differs from diffusers' by 3.2e-6 relative
-/// (σ ≈ 108, near the zero-signal end where float32 cancellation is largest).
+/// but torch's float32 `sqrt` is MKL's `vmsSqrt(VML_HA)`, which is not correctly rounded (one
+/// ulp off for 182 of the 1000 √ᾱ of SD's schedule), and that is not reproduced (see
+/// `schedulers::schedule::rescale_zero_terminal_snr`). The one-ulp ᾱ differences it leaves near
+/// t = 0 are amplified ≈ 26× by σ = √((1 − ᾱ)/ᾱ): measured worst 3.2e-6 relative, at σ ≈ 0.139
+/// (t = 19, the last σ of the 50-step trailing schedule). With torch's √ᾱ values substituted,
+/// the port gives diffusers' σ bit for bit.
 const ZERO_SNR_SIGMAS_TOL: f64 = 5e-6;
 /// `add_noise` output, relative to its largest magnitude (f32 arithmetic on ᾱ or σ that carry
 /// the f64-vs-float32 table difference; measured worst 5.1e-7).
 const ADD_NOISE_TOL: f64 = 1e-6;
 /// ᾱ tolerance: f64 vs torch float32 linspace/cumprod rounding.
 const ALPHA_TOL: f64 = 1e-6;
-/// ᾱ tolerance with `rescale_betas_zero_snr`: diffusers computes √ᾱ − √ᾱ_T and the ratios
-/// ᾱ_t/ᾱ_{t−1} in float32, whose cancellation grows towards the tail where ᾱ → 0.
+/// ᾱ tolerance with `rescale_betas_zero_snr`: MKL's not correctly rounded float32 `sqrt` in
+/// torch (see `ZERO_SNR_SIGMAS_TOL`), amplified by the shift √ᾱ − √ᾱ_T towards the tail where
+/// ᾱ → 0. Measured worst 7.5e-7 under the `ALPHA_FLOOR` measure (t = 912; 3.8e-6 purely
+/// relative at t = 989, ᾱ ≈ 2e-5); kept at 1e-5 because that margin is small and MKL's
+/// rounding may differ with the CPU and MKL version.
 const ZERO_SNR_ALPHA_TOL: f64 = 1e-5;
 /// Below this ᾱ the ᾱ errors are measured absolutely (scaled by the floor): the cosine schedule
 /// reaches ᾱ ≈ 2e-9, where 1000 float32 products carry ~1e-5 relative rounding, yet an absolute

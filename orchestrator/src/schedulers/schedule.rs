@@ -132,6 +132,17 @@ fn betas_for_alpha_bar_cosine(t: usize, max_beta: f64) -> Vec<f64> {
 /// `rescale_zero_terminal_snr` (Lin et al. 2023, algorithm 1): shift and scale √ᾱ so that the
 /// last timestep has zero signal while the first keeps its value. In float32, operation for
 /// operation as diffusers runs it on torch tensors.
+///
+/// One operation differs: torch's CPU `sqrt` (and `** 0.5`) on a float32 tensor calls MKL's
+/// `vmsSqrt(.., VML_HA)`, which is not correctly rounded (errors up to 0.75 ulp; with torch
+/// 2.11's MKL on the reference AMD EPYC, 17% of all float32 inputs in [1, 4) come out one ulp
+/// off, and 182 of SD's 1000 √ᾱ), while `f32::sqrt` is. MKL's algorithm is closed (none of the
+/// usual rsqrt + Newton/FMA-correction schemes reproduces it) and may differ with the CPU and
+/// MKL version, so it is not emulated. Fed torch's √ᾱ values, the rest of this function and the
+/// cumprod after it give diffusers' ᾱ bit for bit; with `f32::sqrt`, the shift √ᾱ − √ᾱ_T
+/// amplifies those ulps near t = T (ᾱ up to 3.8e-6 relative off there, 7.5e-7 under the
+/// parity test's 1e-3 floor) and σ = √((1 − ᾱ)/ᾱ) amplifies ᾱ's one-ulp errors near t = 0
+/// by ᾱ/(2(1 − ᾱ)) ≈ 26 (σ at t = 19 is 3.2e-6 relative off). See `tests/scheduler_parity.rs`.
 fn rescale_zero_terminal_snr(betas: &[f64]) -> Vec<f64> {
     let mut sqrt_ac: Vec<f32> = alphas_cumprod(betas)
         .iter()

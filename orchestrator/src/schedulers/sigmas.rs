@@ -42,7 +42,10 @@ impl SigmaSchedule {
                 *last = 2f32.powi(-24);
             }
         }
-        // σ_t = √((1 − ᾱ_t)/ᾱ_t), computed in float32 like diffusers' torch expression.
+        // σ_t = √((1 − ᾱ_t)/ᾱ_t), computed in float32 like diffusers' torch expression. torch's
+        // `** 0.5` is MKL's sqrt, which is not correctly rounded (see
+        // `schedule::rescale_zero_terminal_snr`), so σ can be one ulp off: σ_T = √(2^24 − 1) is
+        // 4095.9998 here (correctly rounded) and 4096.0 in diffusers.
         let train_sigmas: Vec<f32> = alphas_cumprod
             .iter()
             .map(|a| ((1.0 - a) / a).sqrt())
