@@ -233,7 +233,26 @@ impl AutoencoderKL {
             path: config_path.clone(),
             message,
         })?;
-        let mut vs = nn::VarStore::new(device);
+        let mut model = Self::build(config, nn::VarStore::new(device));
+        weights::load_component(&model.vs, dir, WEIGHTS_STEM, variant, &[])?;
+        model.vs.set_kind(kind);
+        model.kind = kind;
+        Ok(model)
+    }
+
+    /// A new model with trainable variables initialised as PyTorch initialises its layers
+    /// (f32 on `device`): the starting point of training from scratch.
+    pub fn init(config: AutoencoderKLConfig, device: Device) -> Result<Self, ModelError> {
+        config.validate().map_err(|message| ModelError::Config {
+            path: "vae/config.json".into(),
+            message,
+        })?;
+        Ok(Self::build(config, nn::VarStore::new(device)))
+    }
+
+    /// Builds the modules (f32, default-initialised) under the checkpoint's tensor names.
+    fn build(config: AutoencoderKLConfig, vs: nn::VarStore) -> Self {
+        let device = vs.device();
         let root = vs.root();
         let coder = |cin: usize, cout: usize| CoderConfig {
             in_channels: cin,
@@ -258,18 +277,16 @@ impl AutoencoderKL {
         let post_quant_conv = config
             .use_post_quant_conv
             .then(|| crate::resnet::conv2d(&root / "post_quant_conv", l, l, 1, 1, 0));
-        weights::load_component(&vs, dir, WEIGHTS_STEM, variant, &[])?;
-        vs.set_kind(kind);
-        Ok(Self {
+        Self {
             config,
             encoder,
             decoder,
             quant_conv,
             post_quant_conv,
             device,
-            kind,
+            kind: Kind::Float,
             vs,
-        })
+        }
     }
 
     /// The config the model was built from (scaling and shift factors included).
@@ -296,23 +313,31 @@ impl AutoencoderKL {
     /// (`z = latents / scaling_factor + shift_factor`), to images `[B, out_channels, h * f,
     /// w * f]` in about [-1, 1], in the model's kind.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
+        tch::no_grad(|| self.decode_train(latents))
+    }
+
+    /// [`Self::decode`] with gradients recorded, for training.
+    pub fn decode_train(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
         check_map("latents", latents, self.config.latent_channels, 1)?;
         guarded(|| {
-            tch::no_grad(|| {
-                let z = latents.to_device(self.device).to_kind(self.kind);
-                // AutoencoderKL._decode: post_quant_conv then decoder.
-                let z = match &self.post_quant_conv {
-                    Some(c) => c.forward(&z),
-                    None => z,
-                };
-                self.decoder.forward(&z)
-            })
+            let z = latents.to_device(self.device).to_kind(self.kind);
+            // AutoencoderKL._decode: post_quant_conv then decoder.
+            let z = match &self.post_quant_conv {
+                Some(c) => c.forward(&z),
+                None => z,
+            };
+            self.decoder.forward(&z)
         })
     }
 
     /// Encodes images `[B, in_channels, H, W]` in [-1, 1] (H and W multiples of the
     /// downsample factor) to the latent distribution, before scaling.
     pub fn encode(&self, images: &Tensor) -> Result<DiagonalGaussian, ModelError> {
+        tch::no_grad(|| self.encode_train(images))
+    }
+
+    /// [`Self::encode`] with gradients recorded, for training.
+    pub fn encode_train(&self, images: &Tensor) -> Result<DiagonalGaussian, ModelError> {
         check_map(
             "images",
             images,
@@ -320,15 +345,13 @@ impl AutoencoderKL {
             self.downsample_factor(),
         )?;
         let moments = guarded(|| {
-            tch::no_grad(|| {
-                let x = images.to_device(self.device).to_kind(self.kind);
-                // AutoencoderKL._encode: encoder then quant_conv.
-                let h = self.encoder.forward(&x);
-                match &self.quant_conv {
-                    Some(c) => c.forward(&h),
-                    None => h,
-                }
-            })
+            let x = images.to_device(self.device).to_kind(self.kind);
+            // AutoencoderKL._encode: encoder then quant_conv.
+            let h = self.encoder.forward(&x);
+            match &self.quant_conv {
+                Some(c) => c.forward(&h),
+                None => h,
+            }
         })?;
         Ok(DiagonalGaussian::from_moments(&moments))
     }

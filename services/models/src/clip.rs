@@ -125,6 +125,39 @@ impl ClipTextConfig {
     }
 }
 
+/// How the variables are created: placeholders that loading overwrites, or trainable
+/// variables initialised for training from scratch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Params {
+    /// Zeros, not trainable: the checkpoint's tensors are copied in.
+    Loaded,
+    /// Trainable: weights normal with standard deviation [`INIT_STD`] (transformers'
+    /// `initializer_range`), biases zero, LayerNorm scales one.
+    Fresh,
+}
+
+/// transformers' `CLIPTextConfig.initializer_range`.
+const INIT_STD: f64 = 0.02;
+
+impl Params {
+    /// A variable of `dims`: zeros for loading; for training normal(0, `std`), or zeros when
+    /// `std` is 0 (biases).
+    fn var(self, p: &nn::Path, name: &str, dims: &[i64], std: f64) -> Result<Tensor, ModelError> {
+        Ok(match self {
+            Params::Loaded => p.f_zeros_no_train(name, dims)?,
+            Params::Fresh if std == 0.0 => p.f_var(name, dims, nn::Init::Const(0.0))?,
+            Params::Fresh => p.f_var(
+                name,
+                dims,
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
+            )?,
+        })
+    }
+}
+
 /// `nn.Linear` as plain tensors, applied with `f_linear` so failures are errors.
 struct Linear {
     weight: Tensor,
@@ -132,10 +165,10 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(p: nn::Path, input: i64, output: i64) -> Result<Self, ModelError> {
+    fn new(p: nn::Path, input: i64, output: i64, params: Params) -> Result<Self, ModelError> {
         Ok(Self {
-            weight: p.f_zeros_no_train("weight", &[output, input])?,
-            bias: p.f_zeros_no_train("bias", &[output])?,
+            weight: params.var(&p, "weight", &[output, input], INIT_STD)?,
+            bias: params.var(&p, "bias", &[output], 0.0)?,
         })
     }
 
@@ -152,10 +185,14 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn new(p: nn::Path, dim: i64, eps: f64) -> Result<Self, ModelError> {
+    fn new(p: nn::Path, dim: i64, eps: f64, params: Params) -> Result<Self, ModelError> {
+        let weight = match params {
+            Params::Loaded => p.f_zeros_no_train("weight", &[dim])?,
+            Params::Fresh => p.f_var("weight", &[dim], nn::Init::Const(1.0))?,
+        };
         Ok(Self {
-            weight: p.f_zeros_no_train("weight", &[dim])?,
-            bias: p.f_zeros_no_train("bias", &[dim])?,
+            weight,
+            bias: params.var(&p, "bias", &[dim], 0.0)?,
             eps,
         })
     }
@@ -182,13 +219,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(p: nn::Path, c: &ClipTextConfig) -> Result<Self, ModelError> {
+    fn new(p: nn::Path, c: &ClipTextConfig, params: Params) -> Result<Self, ModelError> {
         let h = c.hidden_size;
         Ok(Self {
-            q_proj: Linear::new(&p / "q_proj", h, h)?,
-            k_proj: Linear::new(&p / "k_proj", h, h)?,
-            v_proj: Linear::new(&p / "v_proj", h, h)?,
-            out_proj: Linear::new(&p / "out_proj", h, h)?,
+            q_proj: Linear::new(&p / "q_proj", h, h, params)?,
+            k_proj: Linear::new(&p / "k_proj", h, h, params)?,
+            v_proj: Linear::new(&p / "v_proj", h, h, params)?,
+            out_proj: Linear::new(&p / "out_proj", h, h, params)?,
             heads: c.num_attention_heads,
         })
     }
@@ -249,15 +286,21 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(p: nn::Path, c: &ClipTextConfig, activation: Activation) -> Result<Self, ModelError> {
+    fn new(
+        p: nn::Path,
+        c: &ClipTextConfig,
+        activation: Activation,
+        params: Params,
+    ) -> Result<Self, ModelError> {
         let mlp = &p / "mlp";
+        let (h, eps) = (c.hidden_size, c.layer_norm_eps);
         Ok(Self {
-            layer_norm1: LayerNorm::new(&p / "layer_norm1", c.hidden_size, c.layer_norm_eps)?,
-            self_attn: Attention::new(&p / "self_attn", c)?,
-            layer_norm2: LayerNorm::new(&p / "layer_norm2", c.hidden_size, c.layer_norm_eps)?,
+            layer_norm1: LayerNorm::new(&p / "layer_norm1", h, eps, params)?,
+            self_attn: Attention::new(&p / "self_attn", c, params)?,
+            layer_norm2: LayerNorm::new(&p / "layer_norm2", h, eps, params)?,
             mlp: Mlp {
-                fc1: Linear::new(&mlp / "fc1", c.hidden_size, c.intermediate_size)?,
-                fc2: Linear::new(&mlp / "fc2", c.intermediate_size, c.hidden_size)?,
+                fc1: Linear::new(&mlp / "fc1", h, c.intermediate_size, params)?,
+                fc2: Linear::new(&mlp / "fc2", c.intermediate_size, h, params)?,
                 activation,
             },
         })
@@ -307,7 +350,12 @@ impl ClipTextModel {
             )));
         }
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let mut model = Self::build(nn::VarStore::new(Device::Cpu), config, device)?;
+        let mut model = Self::build(
+            nn::VarStore::new(Device::Cpu),
+            config,
+            device,
+            Params::Loaded,
+        )?;
         let files = find_weights(dir, "model", None)?;
         let mut tensors = read_tensors(&files)?;
         // transformers 5 flattened CLIPTextModel and saves `embeddings.*`, `encoder.*`,
@@ -332,26 +380,52 @@ impl ClipTextModel {
         Ok(model)
     }
 
-    /// Creates the variables (zeros, not trainable) under their checkpoint names.
-    fn build(vs: nn::VarStore, config: ClipTextConfig, device: Device) -> Result<Self, ModelError> {
-        let activation = config.activation().expect("validated in from_file");
+    /// A new model with trainable, freshly initialised variables (as transformers initialises
+    /// `CLIPTextModel`), on `device` in f32: the starting point of training from scratch.
+    pub fn init(config: ClipTextConfig, device: Device) -> Result<Self, ModelError> {
+        config.validate(Path::new("text_encoder/config.json"))?;
+        Self::build(nn::VarStore::new(device), config, device, Params::Fresh)
+    }
+
+    /// The variables, under their checkpoint names (`text_model.…`): what an optimiser
+    /// updates and what a checkpoint saves.
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// Creates the variables under their checkpoint names, as `params` says.
+    fn build(
+        vs: nn::VarStore,
+        config: ClipTextConfig,
+        device: Device,
+        params: Params,
+    ) -> Result<Self, ModelError> {
+        let Some(activation) = config.activation() else {
+            return Err(ModelError::Input(format!(
+                "hidden_act {:?} is not supported",
+                config.hidden_act
+            )));
+        };
         let text = vs.root() / "text_model";
         let emb = &text / "embeddings";
-        let token_embedding = (&emb / "token_embedding")
-            .f_zeros_no_train("weight", &[config.vocab_size, config.hidden_size])?;
-        let position_embedding = (&emb / "position_embedding").f_zeros_no_train(
+        let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let token_embedding = params.var(
+            &(&emb / "token_embedding"),
             "weight",
-            &[config.max_position_embeddings, config.hidden_size],
+            &[config.vocab_size, h],
+            INIT_STD,
+        )?;
+        let position_embedding = params.var(
+            &(&emb / "position_embedding"),
+            "weight",
+            &[config.max_position_embeddings, h],
+            INIT_STD,
         )?;
         let layers_path = &text / "encoder" / "layers";
         let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::new(&layers_path / i, &config, activation))
+            .map(|i| EncoderLayer::new(&layers_path / i, &config, activation, params))
             .collect::<Result<Vec<_>, _>>()?;
-        let final_layer_norm = LayerNorm::new(
-            &text / "final_layer_norm",
-            config.hidden_size,
-            config.layer_norm_eps,
-        )?;
+        let final_layer_norm = LayerNorm::new(&text / "final_layer_norm", h, eps, params)?;
         Ok(Self {
             config,
             vs,
@@ -396,19 +470,28 @@ impl ClipTextModel {
                 "clip_skip {clip_skip} exceeds the text encoder's {layers} layers"
             )));
         }
+        tch::no_grad(|| self.forward_layers(input_ids, layers - clip_skip))
+    }
+
+    /// `last_hidden_state` with gradients recorded, for training: the same computation as
+    /// [`Self::forward`], whose result stays attached to the autograd graph.
+    pub fn forward_train(&self, input_ids: &Tensor) -> Result<Tensor, ModelError> {
+        self.forward_layers(input_ids, self.config.num_hidden_layers)
+    }
+
+    /// Embeddings, the first `layers` encoder layers, then the final LayerNorm.
+    fn forward_layers(&self, input_ids: &Tensor, layers: usize) -> Result<Tensor, ModelError> {
         let (_, t) = self.check_ids(input_ids)?;
-        tch::no_grad(|| {
-            let ids = input_ids.f_to_device(self.device)?;
-            let positions = Tensor::f_arange(t, (Kind::Int64, self.device))?;
-            // CLIPTextEmbeddings: token embedding + absolute position embedding.
-            let tokens = Tensor::f_embedding(&self.token_embedding, &ids, -1, false, false)?;
-            let pos = Tensor::f_embedding(&self.position_embedding, &positions, -1, false, false)?;
-            let mut x = tokens.f_add(&pos)?;
-            for layer in &self.layers[..layers - clip_skip] {
-                x = layer.forward(&x)?;
-            }
-            self.final_layer_norm.forward(&x)
-        })
+        let ids = input_ids.f_to_device(self.device)?;
+        let positions = Tensor::f_arange(t, (Kind::Int64, self.device))?;
+        // CLIPTextEmbeddings: token embedding + absolute position embedding.
+        let tokens = Tensor::f_embedding(&self.token_embedding, &ids, -1, false, false)?;
+        let pos = Tensor::f_embedding(&self.position_embedding, &positions, -1, false, false)?;
+        let mut x = tokens.f_add(&pos)?;
+        for layer in &self.layers[..layers] {
+            x = layer.forward(&x)?;
+        }
+        self.final_layer_norm.forward(&x)
     }
 
     /// Checks shape, dtype and id range before indexing, so user input can never reach an

@@ -61,6 +61,22 @@ impl UNet2DConditionModel {
         Ok(model)
     }
 
+    /// A new model with trainable variables initialised as PyTorch initialises its layers
+    /// (f32 on `device`): the starting point of training from scratch.
+    pub fn init(config: UNet2DConditionConfig, device: Device) -> Result<Self, ModelError> {
+        Self::build(
+            nn::VarStore::new(device),
+            config,
+            Path::new("unet/config.json"),
+        )
+    }
+
+    /// The variables, under their checkpoint names: what an optimiser updates and what a
+    /// checkpoint saves.
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
     /// Builds the modules (f32, default-initialised) under the checkpoint's tensor names.
     fn build(
         vs: nn::VarStore,
@@ -205,6 +221,26 @@ impl UNet2DConditionModel {
                     .expand([b], false);
                 self.forward_checked(&sample, &t, &ctx)
             })
+        })
+    }
+
+    /// The noise prediction with gradients recorded, for training: `sample` `[B, C, h, w]`,
+    /// `timesteps` `[B]` and `encoder_hidden_states` `[B, T, D]` already on the model's
+    /// device and kind (the training loop builds them so; shapes are checked as in
+    /// [`Self::forward`]).
+    pub fn forward_train(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        self.check_inputs(sample, timesteps, encoder_hidden_states)?;
+        guarded(|| {
+            self.forward_checked(
+                sample,
+                &timesteps.to_kind(Kind::Float),
+                encoder_hidden_states,
+            )
         })
     }
 
