@@ -50,8 +50,11 @@ fn assert_close(label: &str, ours: &image::RgbImage, reference: &image::RgbImage
 }
 
 async fn check(flavor: &str, cases: &[Case]) {
-    let model = tiny_model(flavor);
-    let cluster = Cluster::start(&model).await;
+    check_model(flavor, &tiny_model(flavor), cases).await;
+}
+
+async fn check_model(flavor: &str, model: &std::path::Path, cases: &[Case]) {
+    let cluster = Cluster::start(model).await;
     let mut client = cluster.client().await;
     let tmp = tempfile::tempdir().unwrap();
     for (n, case) in cases.iter().enumerate() {
@@ -79,7 +82,7 @@ async fn check(flavor: &str, cases: &[Case]) {
         let prefix = tmp.path().join(format!("{flavor}-{}", case.scheduler));
         let out = Command::new(python())
             .arg(workspace_root().join("tests/python/reference_pipeline.py"))
-            .arg(&model)
+            .arg(model)
             .arg(&prefix)
             .args(["--prompt", prompt, "--negative-prompt", negative])
             .args([
@@ -152,6 +155,24 @@ async fn sd1_matches_diffusers() {
                 num_images: 1,
             },
         ],
+    )
+    .await;
+}
+
+/// The project's own trained model (`services/training/default-model`, written by
+/// `sd train`) loads in diffusers and gives the same image there.
+#[tokio::test(flavor = "multi_thread")]
+async fn shipped_default_model_matches_diffusers() {
+    let model = workspace_root().join("services/training/default-model");
+    check_model(
+        "default-model",
+        &model,
+        &[Case {
+            scheduler: "ddim",
+            steps: 20,
+            guidance: 7.5,
+            num_images: 1,
+        }],
     )
     .await;
 }

@@ -73,9 +73,10 @@ pub struct GenerateArgs {
     )]
     orchestrator: String,
     /// Run every stage inside this process instead of calling an orchestrator.
-    #[arg(long, requires = "model")]
+    #[arg(long)]
     local: bool,
-    /// Model folder (diffusers layout) for --local.
+    /// Model folder (diffusers layout) for --local; the project's own shapes model (trained
+    /// by `sd train`, shipped in the repository) when absent.
     #[arg(long, env = "SD_MODEL")]
     model: Option<PathBuf>,
     /// Device for --local: cpu, cuda or cuda:N.
@@ -106,7 +107,10 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         preview_every: 0,
     };
     let (address, cluster) = if args.local {
-        let model = args.model.clone().context("--local needs --model DIR")?;
+        let model = args
+            .model
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(sd_training::DEFAULT_MODEL_DIR));
         let cluster = local::Cluster::start(&model, &args.device, &args.dtype).await?;
         (cluster.orchestrator_url(), Some(cluster))
     } else {

@@ -7,9 +7,11 @@
 
 mod bench;
 mod bench_serve;
+mod eval;
 mod generate;
 mod local;
 mod tokenize;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +37,11 @@ enum Command {
     /// Show a prompt's token ids and vocabulary strings, as the text encoder tokenizes it
     /// (`--bench`: tokenizer throughput).
     Tokenize(tokenize::TokenizeArgs),
+    /// Train the default model's architecture from scratch on the synthetic shapes dataset
+    /// and write a diffusers folder.
+    Train(train::TrainArgs),
+    /// Score a model on the shapes dataset's held-out prompts with its pixel classifier.
+    Eval(eval::EvalArgs),
 }
 
 #[tokio::main]
@@ -52,6 +59,11 @@ async fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Tokenize(args) => tokenize::run(args),
+        // Training is CPU/GPU-bound libtorch work: off the async runtime's threads.
+        Command::Train(args) => tokio::task::spawn_blocking(move || train::run(args))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("training thread: {e}"))),
+        Command::Eval(args) => eval::run(args).await,
     };
     telemetry.shutdown().await;
     match outcome {

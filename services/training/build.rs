@@ -1,0 +1,3 @@
+fn main() {
+    sd_torch_link::emit()
+}

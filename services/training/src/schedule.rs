@@ -1,0 +1,96 @@
+//! Forward diffusion under the model's training noise schedule: what the U-Net learns to undo.
+
+use tch::{Device, Tensor};
+
+/// `ᾱ_t` for t = 0..T of SD's scaled-linear schedule, as the exported scheduler config
+/// describes it (`beta_start`, `beta_end`, `num_train_timesteps`).
+#[derive(Debug)]
+pub struct NoiseSchedule {
+    alphas_cumprod: Tensor,
+}
+
+impl NoiseSchedule {
+    /// Scaled-linear betas, `linspace(√β_start, √β_end, T)²`, and their cumulative product
+    /// of `1 - β`, computed in f64 and kept as f32 on `device`.
+    pub fn scaled_linear(beta_start: f64, beta_end: f64, steps: usize, device: Device) -> Self {
+        let (a, b) = (beta_start.sqrt(), beta_end.sqrt());
+        let last = (steps.max(2) - 1) as f64;
+        let mut product = 1.0;
+        let alphas_cumprod: Vec<f32> = (0..steps)
+            .map(|i| {
+                let beta = (a + (b - a) * i as f64 / last).powi(2);
+                product *= 1.0 - beta;
+                product as f32
+            })
+            .collect();
+        Self {
+            alphas_cumprod: Tensor::from_slice(&alphas_cumprod).to_device(device),
+        }
+    }
+
+    /// The number of training timesteps.
+    pub fn steps(&self) -> i64 {
+        self.alphas_cumprod.size()[0]
+    }
+
+    /// The min-SNR-γ loss weights of epsilon prediction (Hang et al. 2023), `min(SNR_t, γ) /
+    /// SNR_t` with `SNR_t = ᾱ_t / (1 - ᾱ_t)`, `[B]` for timesteps `[B]`: nearly clean
+    /// timesteps, whose noise is hard to see and matters little to the image, stop dominating
+    /// the gradient, which makes a small model converge several times faster.
+    pub fn min_snr_weights(&self, timesteps: &Tensor, gamma: f64) -> Tensor {
+        let a = self.alphas_cumprod.index_select(0, timesteps);
+        let snr = &a / (-&a + 1.0);
+        snr.clamp_max(gamma) / snr
+    }
+
+    /// `x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε` for a batch `[B, ...]` with timesteps `[B]` (int64).
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Tensor {
+        let mut shape = vec![-1i64];
+        shape.resize(x0.dim(), 1);
+        let a = self
+            .alphas_cumprod
+            .index_select(0, timesteps)
+            .to_kind(x0.kind())
+            .view(shape.as_slice());
+        let one_minus_a = -&a + 1.0;
+        x0 * a.sqrt() + noise * one_minus_a.sqrt()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn matches_sd_schedule_end_points() {
+        let s = NoiseSchedule::scaled_linear(0.00085, 0.012, 1000, Device::Cpu);
+        assert_eq!(s.steps(), 1000);
+        let first = s.alphas_cumprod.double_value(&[0]);
+        let last = s.alphas_cumprod.double_value(&[999]);
+        assert!((first - (1.0 - 0.00085)).abs() < 1e-7, "{first}");
+        // diffusers' value for SD's schedule: alphas_cumprod[-1] = 0.0046800…
+        assert!((last - 0.004_68).abs() < 1e-5, "{last}");
+    }
+
+    #[test]
+    fn min_snr_weights_cap_clean_timesteps_only() {
+        let s = NoiseSchedule::scaled_linear(0.00085, 0.012, 1000, Device::Cpu);
+        let w = s.min_snr_weights(&Tensor::from_slice(&[0i64, 999]), 5.0);
+        // t = 0: SNR ≈ 1175, weight 5 / 1175; t = 999: SNR < 5, weight 1.
+        assert!((w.double_value(&[0]) - 5.0 * 0.00085 / 0.99915).abs() < 1e-6);
+        assert_eq!(w.double_value(&[1]), 1.0);
+    }
+
+    #[test]
+    fn add_noise_mixes_by_alpha_bar() {
+        let s = NoiseSchedule::scaled_linear(0.00085, 0.012, 1000, Device::Cpu);
+        let x0 = Tensor::ones([2, 1, 1, 1], (Kind::Float, Device::Cpu));
+        let eps = Tensor::zeros([2, 1, 1, 1], (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[0i64, 999]);
+        let xt = s.add_noise(&x0, &eps, &t);
+        let expected = s.alphas_cumprod.index_select(0, &t).sqrt();
+        assert!(xt.view([-1]).allclose(&expected, 1e-6, 1e-7, false));
+    }
+}
