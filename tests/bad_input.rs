@@ -191,6 +191,7 @@ async fn malformed_tensors_are_invalid_argument_and_the_stage_survives() {
         encoder_hidden_states: Some(tensor(DataType::Float32, &[2, 77, 32], 2 * 77 * 32 * 4)),
         guidance_scale: vec![7.5],
         guidance_rescale: vec![],
+        context_id: String::new(),
     };
     let cases: Vec<(&str, DenoiseRequest)> = vec![
         (

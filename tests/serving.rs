@@ -107,6 +107,7 @@ async fn concurrent_generations_share_denoiser_forwards() {
                     )),
                     guidance_scale: vec![7.5],
                     guidance_rescale: vec![],
+                    context_id: String::new(),
                 })
                 .await
             })
@@ -126,6 +127,7 @@ async fn concurrent_generations_share_denoiser_forwards() {
             encoder_hidden_states: Some(zeros(DataType::Float32, &[1, 77, 32], 77 * 32 * 4)),
             guidance_scale: vec![],
             guidance_rescale: vec![],
+            context_id: String::new(),
         })
         .await
         .unwrap()
@@ -282,4 +284,200 @@ async fn a_replica_added_later_receives_work() {
     drop(d1.take());
     let r = client.generate(request(3, 2)).await.unwrap().into_inner();
     assert_eq!(r.images.len(), 1);
+}
+
+/// A guided step for the tiny model: one sample, its context (2x77x32) when `context` is set.
+fn step(t: f32, context: Option<f32>, id: &str) -> DenoiseRequest {
+    let sample: Vec<f32> = (0..4 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+    DenoiseRequest {
+        sample: Some(Tensor::from_f32(&[1, 4, 8, 8], &sample)),
+        timesteps: Some(Tensor::from_f32(&[1], &[t])),
+        encoder_hidden_states: context.map(|v| {
+            let data: Vec<f32> = (0..2 * 77 * 32)
+                .map(|i| v * (i as f32 * 0.01).cos())
+                .collect();
+            Tensor::from_f32(&[2, 77, 32], &data)
+        }),
+        guidance_scale: vec![7.5],
+        guidance_rescale: vec![],
+        context_id: id.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_context_cache_serves_ids_and_reports_misses() {
+    let on = stage("sd-denoiser", &["--batch-wait-ms", "0"]).await;
+    let off = stage(
+        "sd-denoiser",
+        &["--batch-wait-ms", "0", "--context-cache-bytes", "0"],
+    )
+    .await;
+    let mut dn = DenoiserServiceClient::connect(on.url()).await.unwrap();
+    use sd_proto::stage::DenoiserServiceInfoRequest;
+    let info = dn
+        .info(DenoiserServiceInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.context_cache_bytes, 256 << 20);
+
+    // Context with an id: used and cached; the id alone then gives the same output.
+    let full = dn.denoise(step(500.0, Some(0.5), "gen-1")).await.unwrap();
+    let full = full.into_inner();
+    assert!(full.context_cached);
+    let bare = dn.denoise(step(500.0, None, "gen-1")).await.unwrap();
+    let bare = bare.into_inner();
+    assert!(bare.context_cached);
+    assert_eq!(full.model_output, bare.model_output);
+    // ... and the same output as the context sent without any id.
+    let plain = dn.denoise(step(500.0, Some(0.5), "")).await.unwrap();
+    let plain = plain.into_inner();
+    assert!(!plain.context_cached);
+    assert_eq!(plain.model_output, full.model_output);
+    // Re-storing an id replaces its context.
+    let other = dn.denoise(step(500.0, Some(-2.0), "gen-1")).await.unwrap();
+    let again = dn.denoise(step(500.0, None, "gen-1")).await.unwrap();
+    assert_eq!(
+        other.into_inner().model_output,
+        again.into_inner().model_output
+    );
+
+    // An id this replica never saw, without the context: FAILED_PRECONDITION, sd-context-miss.
+    let miss = dn
+        .denoise(step(500.0, None, "never-stored"))
+        .await
+        .unwrap_err();
+    assert_eq!(miss.code(), Code::FailedPrecondition, "{miss}");
+    assert_eq!(
+        miss.metadata().get("sd-context-miss").unwrap(),
+        "never-stored"
+    );
+    assert!(
+        miss.message().contains("never-stored"),
+        "{}",
+        miss.message()
+    );
+    assert!(sd_proto::context_cache::is_miss(&miss));
+
+    // Bad ids and a missing context without an id are INVALID_ARGUMENT.
+    for (req, field) in [
+        (step(1.0, None, ""), "encoder_hidden_states"),
+        (step(1.0, Some(1.0), &"x".repeat(129)), "context_id"),
+        (step(1.0, None, &"x".repeat(129)), "context_id"),
+        (step(1.0, None, "a b"), "context_id"),
+    ] {
+        let err = dn.denoise(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
+    // A cached context of another batch layout is refused, not misused.
+    let mut unguided = step(1.0, None, "gen-1");
+    unguided.guidance_scale.clear();
+    let err = dn.denoise(unguided).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+
+    // With the cache off, nothing is cached and the id alone is a miss.
+    let mut dn_off = DenoiserServiceClient::connect(off.url()).await.unwrap();
+    let r = dn_off
+        .denoise(step(500.0, Some(0.5), "gen-1"))
+        .await
+        .unwrap();
+    let r = r.into_inner();
+    assert!(!r.context_cached);
+    assert_eq!(r.model_output, full.model_output);
+    let err = dn_off
+        .denoise(step(500.0, None, "gen-1"))
+        .await
+        .unwrap_err();
+    assert!(sd_proto::context_cache::is_miss(&err), "{err}");
+    assert!(
+        on.stderr().contains("context cache miss"),
+        "{}",
+        on.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_are_identical_with_the_context_cache_on_and_off() {
+    let te = stage("sd-text-encoder", &[]).await;
+    let on = stage("sd-denoiser", &[]).await;
+    let off = stage("sd-denoiser", &["--context-cache-bytes", "0"]).await;
+    let vae = stage("sd-vae", &[]).await;
+    let orch_on = orchestrator(&te.url(), &on.url(), &vae.url(), &[]).await;
+    let orch_off = orchestrator(&te.url(), &off.url(), &vae.url(), &[]).await;
+    let mut c_on = sd_e2e::client(&orch_on.url()).await;
+    let mut c_off = sd_e2e::client(&orch_off.url()).await;
+    let two_images = GenerateRequest {
+        num_images: Some(2),
+        guidance_rescale: Some(0.7),
+        ..request(7, 6)
+    };
+    for req in [request(11, 8), two_images] {
+        let a = c_on.generate(req.clone()).await.unwrap().into_inner();
+        let b = c_off.generate(req).await.unwrap().into_inner();
+        assert!(!a.images.is_empty());
+        assert_eq!(a.images.len(), b.images.len());
+        for (x, y) in a.images.iter().zip(&b.images) {
+            assert_eq!(x.data, y.data, "the context cache changed the image");
+        }
+    }
+    // One replica that caches: every step after the first hit the cache, no miss. The replica
+    // without a cache said so, and was sent the context every step: no miss either.
+    for o in [&orch_on, &orch_off] {
+        assert!(!o.stderr().contains("context cache miss"), "{}", o.stderr());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn context_misses_from_evictions_and_replica_changes_are_recovered() {
+    let te = stage("sd-text-encoder", &[]).await;
+    // Room for one tiny-model context (2x77x32 f32 = 19712 bytes): concurrent generations
+    // evict each other's contexts, and steps that move between the replicas miss too. Step
+    // batching is off so that every forward has the same shape as the reference's (a batched
+    // forward may round differently from a lone one, cache or not).
+    let tiny = ["--context-cache-bytes", "20000", "--max-batch", "1"];
+    let d1 = stage("sd-denoiser", &tiny).await;
+    let d2 = stage("sd-denoiser", &tiny).await;
+    let reference = stage(
+        "sd-denoiser",
+        &["--context-cache-bytes", "0", "--max-batch", "1"],
+    )
+    .await;
+    let vae = stage("sd-vae", &[]).await;
+    let orch = orchestrator(
+        &te.url(),
+        &format!("{},{}", d1.url(), d2.url()),
+        &vae.url(),
+        &[],
+    )
+    .await;
+    let orch_ref = orchestrator(&te.url(), &reference.url(), &vae.url(), &[]).await;
+    let client = sd_e2e::client(&orch.url()).await;
+    let runs: Vec<_> = (0..4u64)
+        .map(|i| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.generate(request(300 + i, 8)).await })
+        })
+        .collect();
+    let mut reference_client = sd_e2e::client(&orch_ref.url()).await;
+    for (i, run) in runs.into_iter().enumerate() {
+        let got = run.await.unwrap().unwrap().into_inner();
+        let want = reference_client
+            .generate(request(300 + i as u64, 8))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            got.images[0].data, want.images[0].data,
+            "generation {i}: a recovered context miss changed the image"
+        );
+    }
+    let log = orch.stderr();
+    assert!(
+        log.contains("context cache miss on the denoiser"),
+        "no miss was exercised:\n{log}"
+    );
+    let misses = d1.stderr().matches("context cache miss").count()
+        + d2.stderr().matches("context cache miss").count();
+    assert!(misses > 0, "the denoisers logged no miss");
 }

@@ -5,6 +5,13 @@
 //! negative prompt as the unconditional half when guidance is on, latents drawn as
 //! `randn([N, C, h, w], generator=Generator("cpu").manual_seed(seed)) * init_noise_sigma`, then
 //! for each timestep `scale_model_input`, a (guided) model call and `scheduler.step`.
+//!
+//! The text context is sent with the first step only, named by a random per-generation
+//! `context_id`; the denoiser replica caches it and later steps send the id alone. A replica
+//! that does not hold it (restarted, evicted, expired, or another replica after a failover or
+//! a balancing choice) answers with a context miss and the same step is re-sent to the same
+//! replica with the context: one extra round trip, outside the failover retry budget, and the
+//! same tensors, so the image does not change.
 
 use crate::{
     preview,
@@ -21,12 +28,90 @@ use sd_proto::{
     v1::{GenerateResponse, Image, OutputFormat, Progress, StageTimings},
 };
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 use tokio::sync::OnceCell;
 use tonic::Status;
 use tracing::Instrument;
+
+/// Denoise traffic of this process since start, for benchmarks: every Denoise call sent
+/// (context-miss re-sends included) and its encoded request size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DenoiseTraffic {
+    /// Denoise calls sent.
+    pub calls: u64,
+    /// Bytes of their encoded `DenoiseRequest` messages.
+    pub request_bytes: u64,
+    /// Calls that sent only a context id and got a context miss (each was re-sent).
+    pub context_misses: u64,
+}
+
+static DENOISE_CALLS: AtomicU64 = AtomicU64::new(0);
+static DENOISE_REQUEST_BYTES: AtomicU64 = AtomicU64::new(0);
+static CONTEXT_MISSES: AtomicU64 = AtomicU64::new(0);
+
+/// The process's [`DenoiseTraffic`] so far.
+pub fn denoise_traffic() -> DenoiseTraffic {
+    DenoiseTraffic {
+        calls: DENOISE_CALLS.load(Ordering::Relaxed),
+        request_bytes: DENOISE_REQUEST_BYTES.load(Ordering::Relaxed),
+        context_misses: CONTEXT_MISSES.load(Ordering::Relaxed),
+    }
+}
+
+/// Sends one Denoise call, counting it in [`denoise_traffic`].
+async fn send_denoise(
+    channel: stages::Traced,
+    step: &DenoiseRequest,
+    timeout: Duration,
+) -> Result<tonic::Response<sd_proto::stage::DenoiseResponse>, Status> {
+    DENOISE_CALLS.fetch_add(1, Ordering::Relaxed);
+    DENOISE_REQUEST_BYTES.fetch_add(prost::Message::encoded_len(step) as u64, Ordering::Relaxed);
+    stages::denoiser(channel)
+        .denoise(request(step.clone(), timeout))
+        .await
+}
+
+/// Whether a call that sent only a context id must be re-sent with the context: a context
+/// miss, or a replica from before the cache, which reads the call as having no context.
+fn needs_context(status: &Status) -> bool {
+    sd_proto::context_cache::is_miss(status)
+        || (status.code() == tonic::Code::InvalidArgument
+            && status
+                .message()
+                .starts_with("encoder_hidden_states: missing"))
+}
+
+/// One step on one replica: `bare` (the id alone) when the context is believed cached,
+/// else `full`; a context miss re-sends `full` to the same replica within `timeout`.
+async fn denoise_step(
+    channel: stages::Traced,
+    full: &DenoiseRequest,
+    bare: Option<&DenoiseRequest>,
+    timeout: Duration,
+) -> Result<tonic::Response<sd_proto::stage::DenoiseResponse>, Status> {
+    let Some(bare) = bare else {
+        return send_denoise(channel, full, timeout).await;
+    };
+    let started = Instant::now();
+    match send_denoise(channel.clone(), bare, timeout).await {
+        Err(status) if needs_context(&status) => {
+            CONTEXT_MISSES.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                context_id = full.context_id.as_str(),
+                "context cache miss on the denoiser ({}): re-sending the step with its context",
+                status.message()
+            );
+            let left = timeout.saturating_sub(started.elapsed());
+            send_denoise(channel, full, left).await
+        }
+        outcome => outcome,
+    }
+}
 
 /// The three stages and what they said about their models.
 pub struct Pipeline {
@@ -205,6 +290,10 @@ impl Pipeline {
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len() as u32;
         let (mut queue_wait, mut compute) = (0.0, 0.0);
+        // Names this generation's context in the denoisers' conditioning caches.
+        let context_id = format!("{:032x}", rand::random::<u128>());
+        // Whether the replica that served the last step said it cached the context.
+        let mut cached = false;
         for (i, &t) in timesteps.iter().enumerate() {
             let input = scheduler.scale_model_input(&latents, i);
             let step = DenoiseRequest {
@@ -213,7 +302,12 @@ impl Pipeline {
                 encoder_hidden_states: Some(context.clone()),
                 guidance_scale: guidance.clone(),
                 guidance_rescale: rescale.clone(),
+                context_id: context_id.clone(),
             };
+            let bare = cached.then(|| DenoiseRequest {
+                encoder_hidden_states: None,
+                ..step.clone()
+            });
             let span = tracing::info_span!(
                 "denoise_step",
                 step = i,
@@ -224,13 +318,13 @@ impl Pipeline {
             let (response, replica) = self
                 .denoiser
                 .call("denoise", deadline, |ch, timeout| {
-                    let step = step.clone();
-                    async move { stages::denoiser(ch).denoise(request(step, timeout)).await }
+                    denoise_step(ch, &step, bare.as_ref(), timeout)
                 })
                 .instrument(span.clone())
                 .await?;
             span.record("replica", replica.as_str());
             span.record("batch_rows", response.batch_rows);
+            cached = response.context_cached;
             queue_wait += response.queue_wait_seconds;
             compute += response.compute_seconds;
             let output = response

@@ -1,8 +1,9 @@
 //! `sd bench serve`: the whole service under load. Starts the stages and the orchestrator in
 //! this process (gRPC over loopback, exactly as `--local`), then runs generations at each
-//! concurrency level, with the denoiser's step batching on and off, and reports throughput,
-//! latency, per-stage time and the per-step cost of the gRPC split (round trip minus the
-//! denoiser's own queue and compute time).
+//! concurrency level, with the denoiser's step batching on and off and its conditioning cache
+//! on and off, and reports throughput, latency, per-stage time, the per-step cost of the gRPC
+//! split (round trip minus the denoiser's own queue and compute time) and the Denoise request
+//! bytes sent per step.
 
 use crate::local::Cluster;
 use sd_proto::v1::{
@@ -37,6 +38,19 @@ pub struct ServeArgs {
     /// f32, f16 or bf16.
     #[arg(long, env = "SD_DTYPE", default_value = "f32")]
     dtype: String,
+    /// Step batching settings to run: `on` (--max-batch, 5 ms wait), `off` (1 row, no wait).
+    #[arg(long, value_delimiter = ',', default_value = "on,off")]
+    batching: Vec<Toggle>,
+    /// Conditioning cache settings to run: `on` (the denoiser's default budget), `off`
+    /// (budget 0: every step carries the text context).
+    #[arg(long, value_delimiter = ',', default_value = "on,off")]
+    context_cache: Vec<Toggle>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Toggle {
+    On,
+    Off,
 }
 
 /// What one level measured.
@@ -61,12 +75,27 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         a.steps,
         a.requests
     );
-    for (label, max_batch, wait_ms) in [("on", a.max_batch, 5), ("off", 1, 0)] {
+    let mut runs = Vec::new();
+    for &batching in &a.batching {
+        for &cache in &a.context_cache {
+            runs.push((batching, cache));
+        }
+    }
+    for (batching, cache) in runs {
+        let (label, max_batch, wait_ms) = match batching {
+            Toggle::On => ("on", a.max_batch, 5),
+            Toggle::Off => ("off", 1, 0),
+        };
         let batch = sd_denoiser::BatchArgs {
             max_batch,
             batch_wait_ms: wait_ms,
+            context_cache_bytes: match cache {
+                Toggle::On => sd_denoiser::DEFAULT_CONTEXT_CACHE_BYTES,
+                Toggle::Off => 0,
+            },
+            ..Default::default()
         };
-        let cluster = Cluster::start_with(&a.model, &a.device, &a.dtype, batch).await?;
+        let cluster = Cluster::start_with(&a.model, &a.device, &a.dtype, batch.clone()).await?;
         let channel = tonic::transport::Endpoint::from_shared(cluster.orchestrator_url())?
             .connect()
             .await?;
@@ -74,9 +103,15 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
             .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
         // Warm-up generation (first-call allocations), not counted.
         client.clone().generate(request(&a, 0)).await?;
-        println!("\nbatching {label} (max batch {max_batch} rows, wait {wait_ms} ms)");
         println!(
-            "{:>5} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>12}",
+            "\nbatching {label} (max batch {max_batch} rows, wait {wait_ms} ms), context cache {}",
+            match cache {
+                Toggle::On => format!("on ({} MiB)", batch.context_cache_bytes >> 20),
+                Toggle::Off => "off".into(),
+            }
+        );
+        println!(
+            "{:>5} {:>10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>12} {:>11} {:>7}",
             "conc",
             "images/s",
             "latency s",
@@ -84,18 +119,23 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
             "denoise s",
             "decode s",
             "queue s",
-            "grpc ms/step"
+            "grpc ms/step",
+            "req B/step",
+            "misses"
         );
         for &c in &a.concurrency {
+            let before = sd_orchestrator::pipeline::denoise_traffic();
             let level = level(&a, &client, c).await?;
+            let after = sd_orchestrator::pipeline::denoise_traffic();
             let t = &level.timings;
             let n = level.images as f64;
             let steps = f64::from(a.steps) * n;
             let overhead =
                 (t.denoise_seconds - t.denoiser_queue_seconds - t.denoiser_compute_seconds) / steps
                     * 1e3;
+            let bytes_per_step = (after.request_bytes - before.request_bytes) as f64 / steps;
             println!(
-                "{:>5} {:>10.3} {:>11.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>12.2}",
+                "{:>5} {:>10.3} {:>11.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>12.2} {:>11.0} {:>7}",
                 level.concurrency,
                 n / level.seconds,
                 level.latency / n,
@@ -104,6 +144,8 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
                 t.decode_seconds / n,
                 t.denoiser_queue_seconds / n,
                 overhead,
+                bytes_per_step,
+                after.context_misses - before.context_misses,
             );
         }
         cluster.stop().await;

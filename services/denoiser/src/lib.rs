@@ -5,15 +5,22 @@
 //! the unconditional and conditional halves run as one U-Net batch and the guided prediction
 //! is returned (half the bytes back, one round trip). Concurrent calls are batched into one
 //! U-Net forward ([`batcher`]).
+//!
+//! A call may name its context with a `context_id`; the context is then kept on the device in
+//! a bounded conditioning cache ([`cache`]) and later steps of the generation send the id
+//! alone. A replica that does not hold an id answers FAILED_PRECONDITION with
+//! `sd-context-miss` and the caller re-sends the context, so any replica still serves any step.
 
 pub mod batcher;
+pub mod cache;
 pub mod model;
 
 use batcher::{BatchConfig, BatchError, Batcher, FailureKind};
+use cache::{CacheConfig, ContextCache};
 use model::{Model, Step};
 use sd_models::unet_2d_condition::UNet2DConditionModel;
 use sd_proto::{
-    service_names,
+    context_cache, service_names,
     stage::{
         DataType, DenoiseRequest, DenoiseResponse, DenoiserServiceInfoRequest,
         DenoiserServiceInfoResponse,
@@ -49,7 +56,13 @@ pub struct Args {
     pub log: sd_server::LogArgs,
 }
 
-/// Step batching flags.
+/// Default byte budget of the conditioning cache: 256 MiB holds ~1100 SD 1.5 guided contexts
+/// in f16 (2x77x768x2 bytes = 231 KiB each), ~550 in f32.
+pub const DEFAULT_CONTEXT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+/// Default time-to-live of a cached context, counted from its last use.
+pub const DEFAULT_CONTEXT_CACHE_TTL_SECS: u64 = 300;
+
+/// Step batching and conditioning cache flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BatchArgs {
     /// Most U-Net rows per forward (a guided sample counts twice); 1 disables batching.
@@ -58,6 +71,13 @@ pub struct BatchArgs {
     /// Milliseconds the first step of a batch waits for steps of other generations.
     #[arg(long, env = "SD_BATCH_WAIT_MS", default_value_t = 5)]
     pub batch_wait_ms: u64,
+    /// Byte budget of the conditioning cache (text contexts kept on the device by
+    /// `context_id`, least recently used evicted first); 0 disables it.
+    #[arg(long, env = "SD_CONTEXT_CACHE_BYTES", default_value_t = DEFAULT_CONTEXT_CACHE_BYTES)]
+    pub context_cache_bytes: u64,
+    /// Seconds a cached context may go unused before it is dropped.
+    #[arg(long, env = "SD_CONTEXT_CACHE_TTL_SECS", default_value_t = DEFAULT_CONTEXT_CACHE_TTL_SECS)]
+    pub context_cache_ttl_secs: u64,
 }
 
 impl Default for BatchArgs {
@@ -65,6 +85,8 @@ impl Default for BatchArgs {
         Self {
             max_batch: 16,
             batch_wait_ms: 5,
+            context_cache_bytes: DEFAULT_CONTEXT_CACHE_BYTES,
+            context_cache_ttl_secs: DEFAULT_CONTEXT_CACHE_TTL_SECS,
         }
     }
 }
@@ -74,15 +96,27 @@ pub struct Denoiser {
     batcher: Batcher,
     metrics: sd_server::telemetry::metrics::Stage,
     info: Arc<OnceLock<DenoiserServiceInfoResponse>>,
+    cache: Arc<ContextCache>,
+}
+
+/// Bytes per element of the model's dtype (what a cached context occupies per element).
+fn model_element_bytes(info: &DenoiserServiceInfoResponse) -> u64 {
+    let dtype = info.model.as_ref().map(|m| m.dtype).unwrap_or_default();
+    match DataType::try_from(dtype) {
+        Ok(DataType::Float16 | DataType::Bfloat16) => 2,
+        _ => 4,
+    }
 }
 
 impl Denoiser {
-    /// Checks every tensor against the model's shapes before any libtorch call.
+    /// Checks every tensor against the model's shapes before any libtorch call, and resolves
+    /// the context: the one sent, or the one cached under `context_id`. Also says whether the
+    /// context is (or will be, once the step runs) cached under the call's id.
     fn validate(
         &self,
         req: &DenoiseRequest,
         info: &DenoiserServiceInfoResponse,
-    ) -> Result<Step, Status> {
+    ) -> Result<(Step, bool), Status> {
         let sample = req
             .sample
             .as_ref()
@@ -154,11 +188,71 @@ impl Denoiser {
                 "guidance_scale: {g} is not finite"
             )));
         }
-        let context = req
-            .encoder_hidden_states
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("encoder_hidden_states: missing"))?;
         let rows = if guided { 2 * b } else { b };
+        let width = i64::from(info.cross_attention_dim);
+        let id = req.context_id.as_str();
+        if !id.is_empty() {
+            context_cache::validate_id(id).map_err(Status::invalid_argument)?;
+        }
+        let (context, cache_as, cached) = match &req.encoder_hidden_states {
+            Some(context) => {
+                let context = self.validate_context(context, guided, rows, width)?;
+                let bytes = context.numel() as u64 * model_element_bytes(info);
+                let cache_as = (!id.is_empty() && self.cache.admits(bytes)).then(|| id.to_string());
+                let cached = cache_as.is_some();
+                (context, cache_as, cached)
+            }
+            None if id.is_empty() => {
+                return Err(Status::invalid_argument(
+                    "encoder_hidden_states: missing (and no context_id naming a cached context)",
+                ));
+            }
+            None => {
+                let Some(context) = self.cache.get(id) else {
+                    let s = self.cache.stats();
+                    tracing::info!(
+                        context_id = id,
+                        hits = s.hits,
+                        misses = s.misses,
+                        evictions = s.evictions,
+                        expirations = s.expirations,
+                        entries = s.entries,
+                        bytes = s.bytes,
+                        "context cache miss: the caller re-sends the context"
+                    );
+                    return Err(context_cache::miss(id));
+                };
+                let size = context.size();
+                if size.len() != 3 || size[0] != rows || size[2] != width {
+                    return Err(Status::invalid_argument(format!(
+                        "context_id {id:?}: the cached context has shape {size:?}, this call                          needs [{rows}, T, {width}]"
+                    )));
+                }
+                (context, None, true)
+            }
+        };
+        Ok((
+            Step {
+                sample: wire::to_tch(sample, "sample").map_err(status::tensor)?,
+                timesteps: Tensor::from_slice(&t_values),
+                context,
+                guidance: guided.then(|| Tensor::from_slice(&req.guidance_scale)),
+                rescale: (!req.guidance_rescale.is_empty())
+                    .then(|| Tensor::from_slice(&req.guidance_rescale)),
+                cache_as,
+            },
+            cached,
+        ))
+    }
+
+    /// Checks a context sent on the wire and copies it into a CPU tensor.
+    fn validate_context(
+        &self,
+        context: &sd_proto::stage::Tensor,
+        guided: bool,
+        rows: i64,
+        width: i64,
+    ) -> Result<Tensor, Status> {
         context
             .validate_shape(
                 "encoder_hidden_states",
@@ -170,7 +264,7 @@ impl Denoiser {
                 &[
                     ("rows", Some(rows)),
                     ("tokens", None),
-                    ("width", Some(i64::from(info.cross_attention_dim))),
+                    ("width", Some(width)),
                 ],
             )
             .map_err(status::tensor)?;
@@ -180,14 +274,7 @@ impl Denoiser {
                 &[DataType::Float32, DataType::Float16, DataType::Bfloat16],
             )
             .map_err(status::tensor)?;
-        Ok(Step {
-            sample: wire::to_tch(sample, "sample").map_err(status::tensor)?,
-            timesteps: Tensor::from_slice(&t_values),
-            context: wire::to_tch(context, "encoder_hidden_states").map_err(status::tensor)?,
-            guidance: guided.then(|| Tensor::from_slice(&req.guidance_scale)),
-            rescale: (!req.guidance_rescale.is_empty())
-                .then(|| Tensor::from_slice(&req.guidance_rescale)),
-        })
+        wire::to_tch(context, "encoder_hidden_states").map_err(status::tensor)
     }
 }
 
@@ -207,7 +294,7 @@ impl DenoiserService for Denoiser {
         request: Request<DenoiseRequest>,
     ) -> Result<Response<DenoiseResponse>, Status> {
         let info = self.info.get().ok_or_else(|| status::warming_up(STAGE))?;
-        let step = self.validate(request.get_ref(), info)?;
+        let (step, context_cached) = self.validate(request.get_ref(), info)?;
         let _inflight = self.metrics.inflight();
         let out = self.batcher.submit(step).await.map_err(|e| {
             let status = batch_status(e);
@@ -223,6 +310,7 @@ impl DenoiserService for Denoiser {
             batch_calls: out.batch_calls as u32,
             queue_wait_seconds: out.queue_wait.as_secs_f64(),
             compute_seconds: out.compute.as_secs_f64(),
+            context_cached,
         }))
     }
 }
@@ -283,6 +371,11 @@ pub async fn run(
         max_pending: args.max_queue.max(1),
     };
     let metrics = sd_server::telemetry::metrics::Stage::new(STAGE);
+    let cache = Arc::new(ContextCache::new(CacheConfig {
+        max_bytes: batch.context_cache_bytes,
+        ttl: std::time::Duration::from_secs(batch.context_cache_ttl_secs),
+    }));
+    let model_cache = cache.clone();
     let (batcher, loaded) = Batcher::spawn(config, metrics.clone(), move || {
         let unet = UNet2DConditionModel::load(
             &load_args.model.join("unet"),
@@ -292,6 +385,7 @@ pub async fn run(
         let model = Model {
             unet,
             device: load_args.device.0,
+            cache: model_cache,
         };
         model.warm_up()?;
         let c = model.unet.config();
@@ -304,6 +398,7 @@ pub async fn run(
             scheduler_config_json,
             prediction_type,
             latent_multiple: c.downsample_factor() as u32,
+            context_cache_bytes: batch.context_cache_bytes,
         });
         Ok(model)
     });
@@ -311,6 +406,7 @@ pub async fn run(
         batcher,
         metrics,
         info,
+        cache,
     })
     .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);

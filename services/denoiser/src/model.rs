@@ -5,10 +5,13 @@
 //! an unguided step once; all rows run as one U-Net forward, each with its own timestep, and
 //! every step's guided prediction is cut back out of the result.
 
+use crate::cache::ContextCache;
 use sd_models::{ModelError, unet_2d_condition::UNet2DConditionModel};
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-/// One validated denoising step of one request: CPU tensors as they came off the wire.
+/// One validated denoising step of one request: CPU tensors as they came off the wire, except
+/// a context found in the conditioning cache, which is already on the model's device.
 pub struct Step {
     /// `[b, C, H, W]`.
     pub sample: Tensor,
@@ -20,6 +23,9 @@ pub struct Step {
     pub guidance: Option<Tensor>,
     /// `[b]` guidance-rescale factors (needs guidance).
     pub rescale: Option<Tensor>,
+    /// Cache the context under this id once it is on the device (the call sent the context
+    /// with a `context_id`).
+    pub cache_as: Option<String>,
 }
 
 /// Steps that can share a forward: same latent size and context length.
@@ -39,10 +45,11 @@ impl Step {
     }
 }
 
-/// The loaded U-Net on its device.
+/// The loaded U-Net on its device, and the conditioning cache it fills.
 pub struct Model {
     pub unet: UNet2DConditionModel,
     pub device: Device,
+    pub cache: Arc<ContextCache>,
 }
 
 impl Model {
@@ -65,8 +72,21 @@ impl Model {
                 .f_to_device(self.device)?
                 .f_to_kind(kind)?;
             let timesteps = Tensor::f_cat(&timesteps, 0)?.f_to_device(self.device)?;
-            let contexts: Vec<Tensor> = steps.iter().map(|s| s.context.to_kind(kind)).collect();
-            let context = Tensor::f_cat(&contexts, 0)?.f_to_device(self.device)?;
+            // Each context on the device in the model's dtype (a cached one already is): the
+            // copies a call asked to cache are kept, so its later steps skip this.
+            let mut contexts = Vec::with_capacity(steps.len());
+            for step in steps {
+                let context = step
+                    .context
+                    .f_to_kind(kind)?
+                    .f_to_device(self.device)?
+                    .f_contiguous()?;
+                if let Some(id) = &step.cache_as {
+                    self.cache.insert(id, context.shallow_clone());
+                }
+                contexts.push(context);
+            }
+            let context = Tensor::f_cat(&contexts, 0)?;
             let pred = self
                 .unet
                 .forward(&sample, &timesteps, &context)?
@@ -99,6 +119,7 @@ impl Model {
             context: Tensor::zeros([2, 77, width], opts),
             guidance: Some(Tensor::ones([1], opts)),
             rescale: None,
+            cache_as: None,
         }])?;
         Ok(())
     }
