@@ -368,7 +368,7 @@ fn train_vae(
         state.report.vae_losses.push(value);
         state.step += 1;
         report_progress(&bar, &state.report.vae_losses, state.step);
-        if state.step % CHECKPOINT_EVERY == 0 || state.step == total || budget.spent() {
+        if state.step.is_multiple_of(CHECKPOINT_EVERY) || state.step == total || budget.spent() {
             state.report.vae_seconds = seconds_before + started.elapsed().as_secs_f64();
             save(vae.var_store(), &checkpoints.join("vae.safetensors"))?;
             save_state(state, checkpoints)?;
@@ -525,7 +525,7 @@ fn train_diffusion(
         state.report.diffusion_losses.push(value);
         state.step += 1;
         report_progress(&bar, &state.report.diffusion_losses, state.step);
-        if state.step % CHECKPOINT_EVERY == 0 || state.step == total || budget.spent() {
+        if state.step.is_multiple_of(CHECKPOINT_EVERY) || state.step == total || budget.spent() {
             state.report.diffusion_seconds = seconds_before + started.elapsed().as_secs_f64();
             for (vs, name) in [
                 (models.text.var_store(), "text_encoder"),
@@ -560,7 +560,7 @@ fn report_progress(bar: &ProgressBar, losses: &[f32], step: usize) {
     let mean = recent.iter().sum::<f32>() / recent.len().max(1) as f32;
     bar.set_message(format!("loss {mean:.5}"));
     bar.set_position(step as u64);
-    if !std::io::stderr().is_terminal() && step % 100 == 0 {
+    if !std::io::stderr().is_terminal() && step.is_multiple_of(100) {
         eprintln!(
             "step {step}/{}: loss {mean:.5}",
             bar.length().unwrap_or_default()
