@@ -18,12 +18,12 @@ use crate::{
     request::Params,
     rng::TorchGenerator,
     schedulers::{self, SchedulerConfig},
-    stages::{self, Stage, request},
+    stages::{self, Identity, Stage, request},
 };
 use sd_proto::{
     stage::{
         DecodeRequest, DenoiseRequest, DenoiserServiceInfoRequest, EncodeRequest, ImageEncoding,
-        Tensor, TextEncoderServiceInfoRequest, VaeServiceInfoRequest,
+        ModelInfo, Tensor, TextEncoderServiceInfoRequest, VaeServiceInfoRequest,
     },
     v1::{GenerateResponse, Image, OutputFormat, Progress, StageTimings},
 };
@@ -136,7 +136,33 @@ pub struct Models {
 }
 
 impl Pipeline {
+    /// A pipeline over the three stages. Each stage gets a probe reading its Info, so that its
+    /// replicas get work only once they are seen to serve the model checked at start-up.
     pub fn new(text_encoder: Arc<Stage>, denoiser: Arc<Stage>, vae: Arc<Stage>) -> Self {
+        text_encoder.set_probe(Arc::new(|ch, t| {
+            Box::pin(async move {
+                let info = stages::text_encoder(ch)
+                    .info(request(TextEncoderServiceInfoRequest {}, t))
+                    .await?;
+                Ok(identity(&info.into_inner().model))
+            })
+        }));
+        denoiser.set_probe(Arc::new(|ch, t| {
+            Box::pin(async move {
+                let info = stages::denoiser(ch)
+                    .info(request(DenoiserServiceInfoRequest {}, t))
+                    .await?;
+                Ok(identity(&info.into_inner().model))
+            })
+        }));
+        vae.set_probe(Arc::new(|ch, t| {
+            Box::pin(async move {
+                let info = stages::vae(ch)
+                    .info(request(VaeServiceInfoRequest {}, t))
+                    .await?;
+                Ok(identity(&info.into_inner().model))
+            })
+        }));
         Self {
             text_encoder,
             denoiser,
@@ -145,66 +171,72 @@ impl Pipeline {
         }
     }
 
-    /// Reads every stage's Info once and checks they fit together: the text encoder's width is
+    /// Reads the Info of every replica of every stage once and checks they fit together: the
+    /// replicas of a stage serve the same model id and revision, the text encoder's width is
     /// the U-Net's cross-attention width, the U-Net's latent channels are the VAE's, and all
-    /// stages serve the same model id. Failures are not cached, so a stage that comes up later
-    /// is picked up by the next request.
+    /// stages serve the same model id. Replicas that do not answer are skipped (they are
+    /// checked when they do). On success each stage's identity is established: replicas that
+    /// appear later get work only once they report it. Failures (FAILED_PRECONDITION when
+    /// the stages or replicas disagree) are not cached, so a stage that comes up later, or a
+    /// replica that is fixed, is picked up by the next request.
     pub async fn models(&self) -> Result<&Models, Status> {
         self.models.get_or_try_init(|| self.read_models()).await
     }
 
     async fn read_models(&self) -> Result<Models, Status> {
-        let (te, _) = self
-            .text_encoder
-            .call("info", None, |ch, t| async move {
+        let (te, dn, vae) = tokio::join!(
+            self.text_encoder.call_each("info", |ch, t| async move {
                 stages::text_encoder(ch)
                     .info(request(TextEncoderServiceInfoRequest {}, t))
                     .await
-            })
-            .await?;
-        let (dn, _) = self
-            .denoiser
-            .call("info", None, |ch, t| async move {
+            }),
+            self.denoiser.call_each("info", |ch, t| async move {
                 stages::denoiser(ch)
                     .info(request(DenoiserServiceInfoRequest {}, t))
                     .await
-            })
-            .await?;
-        let (vae, _) = self
-            .vae
-            .call("info", None, |ch, t| async move {
+            }),
+            self.vae.call_each("info", |ch, t| async move {
                 stages::vae(ch)
                     .info(request(VaeServiceInfoRequest {}, t))
                     .await
-            })
-            .await?;
+            }),
+        );
+        let te = Answers::check(self.text_encoder.name(), te, |i| &i.model)?;
+        let dn = Answers::check(self.denoiser.name(), dn, |i| &i.model)?;
+        let vae = Answers::check(self.vae.name(), vae, |i| &i.model)?;
         let mismatch =
             |what: String| Status::failed_precondition(format!("stages disagree: {what}"));
-        if te.hidden_size != dn.cross_attention_dim {
+        if te.info.hidden_size != dn.info.cross_attention_dim {
             return Err(mismatch(format!(
                 "text-encoder hidden_size {} != denoiser cross_attention_dim {}",
-                te.hidden_size, dn.cross_attention_dim
+                te.info.hidden_size, dn.info.cross_attention_dim
             )));
         }
-        if dn.in_channels != vae.latent_channels || dn.out_channels != vae.latent_channels {
+        if dn.info.in_channels != vae.info.latent_channels
+            || dn.info.out_channels != vae.info.latent_channels
+        {
             return Err(mismatch(format!(
                 "denoiser in/out channels {}/{} != vae latent_channels {}",
-                dn.in_channels, dn.out_channels, vae.latent_channels
+                dn.info.in_channels, dn.info.out_channels, vae.info.latent_channels
             )));
         }
-        let id = |m: &Option<sd_proto::stage::ModelInfo>| {
-            m.as_ref().map(|m| m.model_id.clone()).unwrap_or_default()
-        };
         let ids = [
-            ("text-encoder", id(&te.model)),
-            ("denoiser", id(&dn.model)),
-            ("vae", id(&vae.model)),
+            (self.text_encoder.name(), &te.identity, &te.replicas[0]),
+            (self.denoiser.name(), &dn.identity, &dn.replicas[0]),
+            (self.vae.name(), &vae.identity, &vae.replicas[0]),
         ];
-        if ids.iter().any(|(_, i)| *i != ids[0].1) {
-            return Err(mismatch(format!("model ids {ids:?}")));
+        if let Some((a, b)) = ids
+            .iter()
+            .zip(ids.iter().skip(1))
+            .find(|(a, b)| a.1.model_id != b.1.model_id)
+        {
+            return Err(mismatch(format!(
+                "{} at {} serves model {:?} but {} at {} serves model {:?}",
+                a.0, a.2, a.1.model_id, b.0, b.2, b.1.model_id
+            )));
         }
         let scheduler_config =
-            SchedulerConfig::from_json(&dn.scheduler_config_json).map_err(|e| {
+            SchedulerConfig::from_json(&dn.info.scheduler_config_json).map_err(|e| {
                 Status::failed_precondition(format!(
                     "denoiser: the model's scheduler_config.json: {e}"
                 ))
@@ -212,12 +244,15 @@ impl Pipeline {
         let default_scheduler = schedulers::name_for_class(scheduler_config.class_name())
             .unwrap_or(schedulers::DEFAULT)
             .to_string();
+        te.establish(&self.text_encoder);
+        dn.establish(&self.denoiser);
+        vae.establish(&self.vae);
         Ok(Models {
-            hidden_size: te.hidden_size,
-            latent_channels: vae.latent_channels,
-            downsample_factor: vae.downsample_factor.max(1),
-            sample_size: dn.sample_size,
-            latent_multiple: dn.latent_multiple.max(1),
+            hidden_size: te.info.hidden_size,
+            latent_channels: vae.info.latent_channels,
+            downsample_factor: vae.info.downsample_factor.max(1),
+            sample_size: dn.info.sample_size,
+            latent_multiple: dn.info.latent_multiple.max(1),
             scheduler_config,
             default_scheduler,
         })
@@ -469,6 +504,103 @@ impl Pipeline {
     }
 }
 
+/// What a stage's `ModelInfo` says it serves.
+fn identity(model: &Option<ModelInfo>) -> Identity {
+    model
+        .as_ref()
+        .map(|m| Identity {
+            model_id: m.model_id.clone(),
+            revision: m.revision.clone(),
+        })
+        .unwrap_or_default()
+}
+
+/// The Info answers of one stage's replicas, checked to report the same identity.
+struct Answers<T> {
+    /// The first answer (the others report the same model and revision).
+    info: T,
+    identity: Identity,
+    /// Addresses of the replicas that answered, the first one's first.
+    replicas: Vec<String>,
+    /// Replicas that did not answer, and why.
+    silent: Vec<(String, Status)>,
+}
+
+impl<T> Answers<T> {
+    /// Sorts `outcomes` (from [`Stage::call_each`]) into answers and silences. Replicas
+    /// reporting different identities are FAILED_PRECONDITION naming two of them; no answer
+    /// at all is the first replica's error.
+    fn check(
+        stage: &str,
+        outcomes: Vec<(String, Result<T, Status>)>,
+        model: impl Fn(&T) -> &Option<ModelInfo>,
+    ) -> Result<Self, Status> {
+        let mut answered = Vec::new();
+        let mut silent = Vec::new();
+        for (address, outcome) in outcomes {
+            match outcome {
+                Ok(info) => answered.push((address, identity(model(&info)), info)),
+                Err(status) => silent.push((address, status)),
+            }
+        }
+        let seen: Vec<(String, Identity)> = answered
+            .iter()
+            .map(|(address, identity, _)| (address.clone(), identity.clone()))
+            .collect();
+        if let Some(message) = disagreement(stage, &seen) {
+            return Err(Status::failed_precondition(message));
+        }
+        let mut answered = answered.into_iter();
+        let Some((first, identity, info)) = answered.next() else {
+            return Err(match silent.into_iter().next() {
+                Some((_, status)) => status,
+                None => Status::unavailable(format!(
+                    "{stage} stage unavailable (info): no replica known"
+                )),
+            });
+        };
+        let replicas = std::iter::once(first)
+            .chain(answered.map(|(address, _, _)| address))
+            .collect();
+        Ok(Self {
+            info,
+            identity,
+            replicas,
+            silent,
+        })
+    }
+
+    /// Fixes `stage`'s identity to the one its replicas reported and puts them in rotation;
+    /// logs the replicas that did not answer (they are probed until they do).
+    fn establish(&self, stage: &Stage) {
+        for (address, status) in &self.silent {
+            tracing::warn!(
+                stage = stage.name(),
+                replica = %address,
+                "no Info at start-up, kept out of rotation until it answers: {}",
+                status.message()
+            );
+        }
+        tracing::info!(
+            stage = stage.name(),
+            "{} replica(s) serve {}",
+            self.replicas.len(),
+            self.identity
+        );
+        stage.establish(self.identity.clone(), &self.replicas);
+    }
+}
+
+/// The first replica of `stage` and one reporting another identity, as an error message;
+/// `None` when all of `seen` agree.
+fn disagreement(stage: &str, seen: &[(String, Identity)]) -> Option<String> {
+    let (first, want) = seen.first()?;
+    let (other, got) = seen.iter().find(|(_, i)| i != want)?;
+    Some(format!(
+        "{stage} replicas disagree: {first} serves {want} but {other} serves {got}"
+    ))
+}
+
 /// Repeats each row (first dimension) of `t` `n` times, keeping row order: rows [a, b] become
 /// [a x n, b x n], which is the unconditional-then-conditional layout for `n` images.
 fn repeat_rows(t: &Tensor, n: usize) -> Tensor {
@@ -492,6 +624,75 @@ fn repeat_rows(t: &Tensor, n: usize) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(model_id: &str, revision: &str) -> Option<ModelInfo> {
+        Some(ModelInfo {
+            model_id: model_id.into(),
+            revision: revision.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn replicas_must_agree_on_model_and_revision() {
+        let ok = |a: &str, m| (a.to_string(), Ok(m));
+        let answers = Answers::check(
+            "denoiser",
+            vec![
+                ("http://a:1".to_string(), Err(Status::unavailable("down"))),
+                ok("http://b:2", info("sd", "0123")),
+                ok("http://c:3", info("sd", "0123")),
+            ],
+            |m| m,
+        )
+        .unwrap();
+        assert_eq!(answers.replicas, ["http://b:2", "http://c:3"]);
+        assert_eq!(answers.silent.len(), 1);
+        assert_eq!(answers.identity.to_string(), "sd revision 0123");
+
+        let err = Answers::check(
+            "denoiser",
+            vec![
+                ok("http://b:2", info("sd", "0123")),
+                ok("http://c:3", info("sd", "0123")),
+                ok("http://d:4", info("sd", "4567")),
+            ],
+            |m| m,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            err.message(),
+            "denoiser replicas disagree: http://b:2 serves sd revision 0123 but http://d:4 \
+             serves sd revision 4567"
+        );
+        let err = Answers::check(
+            "vae",
+            vec![ok("http://b:2", info("a", "1")), ok("http://c:3", None)],
+            |m| m,
+        )
+        .err()
+        .unwrap();
+        assert!(err.message().contains("(no model id)"), "{}", err.message());
+
+        // Nobody answered: the first replica's error.
+        let err = Answers::<Option<ModelInfo>>::check(
+            "vae",
+            vec![("http://a:1".to_string(), Err(Status::unavailable("down")))],
+            |m| m,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            (err.code(), err.message()),
+            (tonic::Code::Unavailable, "down")
+        );
+        let err = Answers::<Option<ModelInfo>>::check("vae", vec![], |m| m)
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+    }
 
     #[test]
     fn repeat_rows_keeps_uncond_then_cond_order() {

@@ -81,7 +81,8 @@ impl OrchestratorArgs {
 }
 
 /// Serves the public API on `listener` until `shutdown` resolves. Health turns SERVING once
-/// every stage has answered its Info and the stages agree with each other.
+/// every stage has answered its Info and the stages agree with each other (and the replicas of
+/// each stage on the model revision); it stays NOT_SERVING while they disagree.
 pub async fn run(
     args: OrchestratorArgs,
     listener: TcpListener,
@@ -116,7 +117,9 @@ pub async fn run(
     served
 }
 
-/// Polls the stages until they are ready and compatible, then reports SERVING.
+/// Polls the stages until they are ready and compatible, then reports SERVING. Stages or
+/// replicas that disagree (FAILED_PRECONDITION) are logged as errors: the service refuses to
+/// serve until they are fixed.
 async fn wait_for_stages(pipeline: Arc<Pipeline>, health: Health) {
     let mut last_error = String::new();
     loop {
@@ -128,7 +131,11 @@ async fn wait_for_stages(pipeline: Arc<Pipeline>, health: Health) {
             }
             Err(status) => {
                 if status.message() != last_error {
-                    tracing::info!("waiting for stages: {}", status.message());
+                    if status.code() == tonic::Code::FailedPrecondition {
+                        tracing::error!("refusing to serve: {}", status.message());
+                    } else {
+                        tracing::info!("waiting for stages: {}", status.message());
+                    }
                     last_error = status.message().to_string();
                 }
             }

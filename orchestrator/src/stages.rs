@@ -12,6 +12,13 @@
 //! until it answers a gRPC health check with SERVING; the call is retried on another replica
 //! within the request's deadline, as long as the retry budget allows (retries are at most a
 //! fraction of successful calls, so a dead cluster does not cause a retry storm).
+//!
+//! Replicas prove what they serve before they get work. Once a [`Probe`] is installed (the
+//! pipeline installs one reading each stage's Info RPC), a replica is in rotation only after it
+//! reported the stage's established [`Identity`] (model id and revision, fixed at start-up by
+//! [`Stage::establish`]). Replicas that appear later, or did not answer at start-up, are probed
+//! until they answer; one serving another model or revision is kept out of rotation, logged,
+//! and re-probed every resolve interval, so a fixed replica joins.
 
 use sd_proto::stage::{
     denoiser_service_client::DenoiserServiceClient,
@@ -20,13 +27,16 @@ use sd_proto::stage::{
 use sd_server::telemetry::{Inject, metrics::Orchestrator as Metrics};
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt,
     future::Future,
+    pin::Pin,
     sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock, RwLock,
+        atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
+use tokio::task::JoinSet;
 use tonic::{
     Code, Status,
     service::interceptor::InterceptedService,
@@ -50,12 +60,52 @@ pub struct Timeouts {
     pub resolve_interval: Duration,
 }
 
+/// What a replica says it serves: every replica of a stage must report the same.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The model's name (`--model-id`), the same across the stages of one model.
+    pub model_id: String,
+    /// Fingerprint of the stage's component (config and weight layout).
+    pub revision: String,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let id = if self.model_id.is_empty() {
+            "(no model id)"
+        } else {
+            &self.model_id
+        };
+        let revision = if self.revision.is_empty() {
+            "(none)"
+        } else {
+            &self.revision
+        };
+        write!(f, "{id} revision {revision}")
+    }
+}
+
+/// What a [`Probe`] returns.
+pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<Identity, Status>> + Send>>;
+
+/// Reads what the replica on a channel serves (its Info RPC), within a timeout.
+pub type Probe = Arc<dyn Fn(Traced, Duration) -> ProbeFuture + Send + Sync>;
+
+/// A replica's verification state (see the module docs).
+const UNCHECKED: u8 = 0;
+const VERIFIED: u8 = 1;
+const REJECTED: u8 = 2;
+
 /// One replica of a stage.
 struct Replica {
     address: String,
     channel: Channel,
     outstanding: AtomicUsize,
     healthy: AtomicBool,
+    /// UNCHECKED, VERIFIED or REJECTED: only verified replicas get work.
+    check: AtomicU8,
+    /// What it last reported when that was not the stage's identity (logged once per value).
+    rejected_as: Mutex<Option<Identity>>,
 }
 
 /// A stage: its name (used in every error) and its replicas.
@@ -66,6 +116,10 @@ pub struct Stage {
     timeouts: Timeouts,
     budget: RetryBudget,
     metrics: Metrics,
+    /// Set: replicas must pass it before they get work.
+    probe: OnceLock<Probe>,
+    /// What every replica must report, once known.
+    established: RwLock<Option<Identity>>,
 }
 
 /// One entry of an address list.
@@ -149,6 +203,8 @@ impl Stage {
             timeouts,
             budget: RetryBudget::new(),
             metrics: Metrics::new(),
+            probe: OnceLock::new(),
+            established: RwLock::new(None),
         });
         stage.resolve().await;
         Ok(stage)
@@ -167,8 +223,197 @@ impl Stage {
             .collect()
     }
 
+    /// Addresses of the replicas that get work (verified, healthy or not).
+    pub fn in_rotation(&self) -> Vec<String> {
+        self.read()
+            .iter()
+            .filter(|r| r.check.load(Ordering::Relaxed) == VERIFIED)
+            .map(|r| r.address.clone())
+            .collect()
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Replica>>> {
         self.replicas.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes replicas prove what they serve: from now on a replica gets work only once `probe`
+    /// reported the identity given to [`Stage::establish`]. The current replicas wait for that
+    /// too. Only the first probe installed counts.
+    pub fn set_probe(&self, probe: Probe) {
+        if self.probe.set(probe).is_ok() {
+            for replica in self.read().iter() {
+                replica.check.store(UNCHECKED, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The identity every replica must report, once established.
+    pub fn established(&self) -> Option<Identity> {
+        self.established
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Fixes the identity every replica must report and puts `verified` (replicas seen to
+    /// report it) in rotation. The others are probed by [`Stage::maintain`].
+    pub fn establish(&self, identity: Identity, verified: &[String]) {
+        *self.established.write().unwrap_or_else(|e| e.into_inner()) = Some(identity);
+        for replica in self.read().iter() {
+            if verified.contains(&replica.address) {
+                replica.healthy.store(true, Ordering::Relaxed);
+                replica.check.store(VERIFIED, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Calls `f(channel, timeout)` once on every current replica at once, whatever its health
+    /// or verification, with the stage timeout; returns each replica's address and outcome,
+    /// errors annotated with the stage and replica. Unreachable replicas are marked unhealthy.
+    pub async fn call_each<T, F, Fut>(
+        &self,
+        what: &'static str,
+        f: F,
+    ) -> Vec<(String, Result<T, Status>)>
+    where
+        F: Fn(Traced, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let replicas: Vec<Arc<Replica>> = self.read().clone();
+        let mut calls = JoinSet::new();
+        for (i, replica) in replicas.iter().enumerate() {
+            let call = f(
+                InterceptedService::new(replica.channel.clone(), Inject),
+                self.timeouts.request,
+            );
+            calls.spawn(async move {
+                let started = Instant::now();
+                let outcome = call.await;
+                (i, outcome, started.elapsed())
+            });
+        }
+        let mut outcomes: Vec<Option<Result<T, Status>>> = std::iter::repeat_with(|| None)
+            .take(replicas.len())
+            .collect();
+        while let Some(joined) = calls.join_next().await {
+            let Ok((i, outcome, elapsed)) = joined else {
+                continue;
+            };
+            let code = outcome.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+            self.metrics
+                .record_stage_call(self.name, what, elapsed, code);
+            let replica = &replicas[i];
+            outcomes[i] = Some(match outcome {
+                Ok(response) => Ok(response.into_inner()),
+                Err(status) => {
+                    if is_unreachable(&status) {
+                        replica.healthy.store(false, Ordering::Relaxed);
+                    }
+                    Err(self.annotate(what, &replica.address, status))
+                }
+            });
+        }
+        replicas
+            .iter()
+            .zip(outcomes)
+            .map(|(r, outcome)| {
+                let outcome = outcome.unwrap_or_else(|| {
+                    Err(Status::internal(format!(
+                        "{} ({what}): call task failed",
+                        self.name
+                    )))
+                });
+                (r.address.clone(), outcome)
+            })
+            .collect()
+    }
+
+    /// Probes the replicas awaiting a check (and with `rejected` the rejected ones too) and
+    /// puts those reporting the established identity in rotation; a replica reporting another
+    /// is kept out with an error log naming both. Does nothing without a probe or before
+    /// [`Stage::establish`].
+    pub async fn verify(&self, rejected: bool) {
+        let (Some(probe), Some(expected)) = (self.probe.get(), self.established()) else {
+            return;
+        };
+        let todo: Vec<Arc<Replica>> = self
+            .read()
+            .iter()
+            .filter(|r| match r.check.load(Ordering::Relaxed) {
+                UNCHECKED => true,
+                REJECTED => rejected,
+                _ => false,
+            })
+            .cloned()
+            .collect();
+        let mut probes = JoinSet::new();
+        for replica in todo {
+            let call = probe(
+                InterceptedService::new(replica.channel.clone(), Inject),
+                self.timeouts.request,
+            );
+            probes.spawn(async move { (replica, call.await) });
+        }
+        while let Some(joined) = probes.join_next().await {
+            if let Ok((replica, outcome)) = joined {
+                self.judge(&replica, &expected, outcome);
+            }
+        }
+    }
+
+    /// Applies a probe's outcome to `replica`; returns whether it is verified.
+    fn judge(
+        &self,
+        replica: &Replica,
+        expected: &Identity,
+        outcome: Result<Identity, Status>,
+    ) -> bool {
+        match outcome {
+            Ok(seen) if seen == *expected => {
+                replica.healthy.store(true, Ordering::Relaxed);
+                *replica
+                    .rejected_as
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
+                if replica.check.swap(VERIFIED, Ordering::Relaxed) != VERIFIED {
+                    tracing::info!(
+                        stage = self.name,
+                        replica = %replica.address,
+                        "replica serves {seen}: in rotation"
+                    );
+                }
+                true
+            }
+            Ok(seen) => {
+                replica.check.store(REJECTED, Ordering::Relaxed);
+                let mut last = replica
+                    .rejected_as
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if last.as_ref() != Some(&seen) {
+                    tracing::error!(
+                        stage = self.name,
+                        replica = %replica.address,
+                        "{} replica {} serves {seen} but the stage serves {expected}: kept out \
+                         of rotation (re-checked every resolve interval)",
+                        self.name,
+                        replica.address
+                    );
+                    *last = Some(seen);
+                }
+                false
+            }
+            Err(status) => {
+                tracing::debug!(
+                    stage = self.name,
+                    replica = %replica.address,
+                    "model check: {}",
+                    status.message()
+                );
+                false
+            }
+        }
     }
 
     /// Re-resolves every entry and updates the replica set: new addresses get channels,
@@ -234,11 +479,18 @@ impl Stage {
                         .keep_alive_while_idle(true)
                         .connect_lazy();
                     tracing::info!(stage = self.name, replica = %address, "replica added");
+                    let check = if self.probe.get().is_some() {
+                        UNCHECKED
+                    } else {
+                        VERIFIED
+                    };
                     next.push(Arc::new(Replica {
                         address,
                         channel,
                         outstanding: AtomicUsize::new(0),
                         healthy: AtomicBool::new(true),
+                        check: AtomicU8::new(check),
+                        rejected_as: Mutex::new(None),
                     }));
                 }
                 Err(e) => tracing::warn!(stage = self.name, "{address}: {e}"),
@@ -247,19 +499,34 @@ impl Stage {
         *self.replicas.write().unwrap_or_else(|e| e.into_inner()) = next;
     }
 
-    /// Re-resolves the entries and health-checks unhealthy replicas until the process ends.
+    /// Until the process ends: re-resolves the entries, probes replicas awaiting their model
+    /// check (rejected ones every resolve interval, see [`Stage::verify`]) and health-checks
+    /// unhealthy verified replicas. One coming back is probed again before it gets work.
     pub async fn maintain(self: Arc<Self>) {
         let mut last_resolve = Instant::now();
+        let mut verifying: Option<tokio::task::JoinHandle<()>> = None;
+        let mut recheck_rejected = false;
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             if last_resolve.elapsed() >= self.timeouts.resolve_interval {
                 self.resolve().await;
                 last_resolve = Instant::now();
+                recheck_rejected = true;
+            }
+            // Probes run in the background, one round at a time, so that a replica that
+            // hangs does not hold up resolution or health checks.
+            if verifying.as_ref().is_none_or(|v| v.is_finished()) {
+                let stage = self.clone();
+                let rejected = std::mem::take(&mut recheck_rejected);
+                verifying = Some(tokio::spawn(async move { stage.verify(rejected).await }));
             }
             let sick: Vec<Arc<Replica>> = self
                 .read()
                 .iter()
-                .filter(|r| !r.healthy.load(Ordering::Relaxed))
+                .filter(|r| {
+                    !r.healthy.load(Ordering::Relaxed)
+                        && r.check.load(Ordering::Relaxed) == VERIFIED
+                })
                 .cloned()
                 .collect();
             for replica in sick {
@@ -268,23 +535,37 @@ impl Stage {
                     service: String::new(),
                 });
                 request.set_timeout(self.timeouts.connect);
-                if let Ok(reply) = client.check(request).await
-                    && reply.into_inner().status == ServingStatus::Serving as i32
-                {
-                    replica.healthy.store(true, Ordering::Relaxed);
-                    tracing::info!(stage = self.name, replica = %replica.address, "replica healthy again");
+                let serving = client
+                    .check(request)
+                    .await
+                    .is_ok_and(|reply| reply.into_inner().status == ServingStatus::Serving as i32);
+                if !serving {
+                    continue;
                 }
+                // It may have come back serving something else (a restart at the same address).
+                if let (Some(probe), Some(expected)) = (self.probe.get(), self.established()) {
+                    let outcome = probe(
+                        InterceptedService::new(replica.channel.clone(), Inject),
+                        self.timeouts.connect,
+                    )
+                    .await;
+                    if !self.judge(&replica, &expected, outcome) {
+                        continue;
+                    }
+                }
+                replica.healthy.store(true, Ordering::Relaxed);
+                tracing::info!(stage = self.name, replica = %replica.address, "replica healthy again");
             }
         }
     }
 
-    /// Picks a replica not in `tried`: the less busy of two random healthy ones; unhealthy
-    /// ones only when no healthy one is left.
+    /// Picks a verified replica not in `tried`: the less busy of two random healthy ones;
+    /// unhealthy ones only when no healthy one is left.
     fn pick(&self, tried: &[String]) -> Option<Arc<Replica>> {
         let replicas = self.read();
         let fresh: Vec<&Arc<Replica>> = replicas
             .iter()
-            .filter(|r| !tried.contains(&r.address))
+            .filter(|r| r.check.load(Ordering::Relaxed) == VERIFIED && !tried.contains(&r.address))
             .collect();
         let healthy: Vec<&Arc<Replica>> = fresh
             .iter()
@@ -337,14 +618,19 @@ impl Stage {
                 None => self.timeouts.request,
             };
             let Some(replica) = self.pick(&tried) else {
+                let waiting = self.out_of_rotation();
+                let why = match (tried.is_empty(), waiting) {
+                    (true, None) => "no replica known".to_string(),
+                    (true, Some(waiting)) => format!("no replica in rotation ({waiting})"),
+                    (false, None) => format!("no replica left after trying {}", tried.join(", ")),
+                    (false, Some(waiting)) => format!(
+                        "no replica left after trying {} ({waiting})",
+                        tried.join(", ")
+                    ),
+                };
                 return Err(Status::unavailable(format!(
-                    "{} stage unavailable ({what}): no replica{}",
-                    self.name,
-                    if tried.is_empty() {
-                        " known".to_string()
-                    } else {
-                        format!(" left after trying {}", tried.join(", "))
-                    }
+                    "{} stage unavailable ({what}): {why}",
+                    self.name
                 )));
             };
             replica.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -389,6 +675,28 @@ impl Stage {
                 }
             }
         }
+    }
+
+    /// `"N awaiting their model check, M serving another model or revision"`, or `None` when
+    /// every replica is in rotation.
+    fn out_of_rotation(&self) -> Option<String> {
+        let replicas = self.read();
+        let count = |state| {
+            replicas
+                .iter()
+                .filter(|r| r.check.load(Ordering::Relaxed) == state)
+                .count()
+        };
+        let mut parts = Vec::new();
+        match count(UNCHECKED) {
+            0 => {}
+            n => parts.push(format!("{n} awaiting their model check")),
+        }
+        match count(REJECTED) {
+            0 => {}
+            n => parts.push(format!("{n} serving another model or revision")),
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
     }
 
     /// Prefixes a stage's status with where it came from.
@@ -601,6 +909,165 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::DeadlineExceeded);
+    }
+
+    fn id(model_id: &str, revision: &str) -> Identity {
+        Identity {
+            model_id: model_id.into(),
+            revision: revision.into(),
+        }
+    }
+
+    /// A probe that ignores the channel and reports whatever `seen` holds, counting calls.
+    fn fake_probe(seen: Arc<Mutex<Identity>>, calls: Arc<AtomicUsize>) -> Probe {
+        Arc::new(move |_, _| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            let seen = seen.lock().unwrap().clone();
+            Box::pin(async move { Ok(seen) })
+        })
+    }
+
+    #[test]
+    fn identities_print_model_and_revision() {
+        assert_eq!(id("sd", "00ff").to_string(), "sd revision 00ff");
+        assert_eq!(
+            Identity::default().to_string(),
+            "(no model id) revision (none)"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_probe_every_replica_is_in_rotation() {
+        let s = Stage::connect("vae", "http://127.0.0.1:1,http://127.0.0.1:2", timeouts())
+            .await
+            .unwrap();
+        assert_eq!(s.in_rotation().len(), 2);
+        // verify() is a no-op without a probe.
+        s.verify(true).await;
+        assert_eq!(s.in_rotation().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn unverified_replicas_get_no_work() {
+        let s = Stage::connect("denoiser", "http://127.0.0.1:9", timeouts())
+            .await
+            .unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        s.set_probe(fake_probe(
+            Arc::new(Mutex::new(id("m", "r"))),
+            calls.clone(),
+        ));
+        assert!(s.in_rotation().is_empty());
+        // Nothing is probed before the stage's identity is established.
+        s.verify(true).await;
+        assert_eq!(calls.load(Ordering::Relaxed), 0);
+        let err = s
+            .call("denoise", None, |ch, t| async move {
+                vae(ch)
+                    .info(request(sd_proto::stage::VaeServiceInfoRequest {}, t))
+                    .await
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert_eq!(
+            err.message(),
+            "denoiser stage unavailable (denoise): no replica in rotation (1 awaiting their \
+             model check)"
+        );
+    }
+
+    #[tokio::test]
+    async fn replicas_added_later_join_only_when_they_serve_the_established_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("denoisers.txt");
+        std::fs::write(&file, "http://127.0.0.1:7001\n").unwrap();
+        let s = Stage::connect(
+            "denoiser",
+            &format!("file://{}", file.display()),
+            timeouts(),
+        )
+        .await
+        .unwrap();
+        let seen = Arc::new(Mutex::new(id("m", "bbbb")));
+        let calls = Arc::new(AtomicUsize::new(0));
+        s.set_probe(fake_probe(seen.clone(), calls.clone()));
+        s.establish(id("m", "aaaa"), &["http://127.0.0.1:7001".to_string()]);
+        assert_eq!(s.in_rotation(), ["http://127.0.0.1:7001"]);
+
+        // A new replica waits for its check; serving another revision, it is kept out.
+        std::fs::write(&file, "http://127.0.0.1:7001\nhttp://127.0.0.1:7002\n").unwrap();
+        s.resolve().await;
+        assert_eq!(s.replicas().len(), 2);
+        assert_eq!(s.in_rotation(), ["http://127.0.0.1:7001"]);
+        s.verify(false).await;
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        assert_eq!(s.in_rotation(), ["http://127.0.0.1:7001"]);
+        assert_eq!(
+            s.out_of_rotation().as_deref(),
+            Some("1 serving another model or revision")
+        );
+        // Rejected replicas are only re-checked when asked (every resolve interval).
+        s.verify(false).await;
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        s.verify(true).await;
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+        assert_eq!(s.in_rotation(), ["http://127.0.0.1:7001"]);
+        // Another model id with the right revision is no better.
+        *seen.lock().unwrap() = id("other", "aaaa");
+        s.verify(true).await;
+        assert_eq!(s.in_rotation(), ["http://127.0.0.1:7001"]);
+
+        // Fixed, it joins the rotation.
+        *seen.lock().unwrap() = id("m", "aaaa");
+        s.verify(true).await;
+        assert_eq!(
+            s.in_rotation(),
+            ["http://127.0.0.1:7001", "http://127.0.0.1:7002"]
+        );
+        assert_eq!(s.out_of_rotation(), None);
+        // Verified replicas are not probed again.
+        assert_eq!(calls.load(Ordering::Relaxed), 4);
+        s.verify(true).await;
+        assert_eq!(calls.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn call_each_reaches_every_replica_and_names_failures() {
+        let ports: Vec<u16> = (0..2)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let list = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let s = Stage::connect("vae", &list, timeouts()).await.unwrap();
+        let outcomes = s
+            .call_each("info", |ch, t| async move {
+                vae(ch)
+                    .info(request(sd_proto::stage::VaeServiceInfoRequest {}, t))
+                    .await
+            })
+            .await;
+        assert_eq!(outcomes.len(), 2);
+        for ((address, outcome), port) in outcomes.iter().zip(&ports) {
+            assert_eq!(*address, format!("http://127.0.0.1:{port}"));
+            let err = outcome.as_ref().unwrap_err();
+            assert_eq!(err.code(), Code::Unavailable);
+            assert!(
+                err.message().contains(address.as_str()),
+                "{}",
+                err.message()
+            );
+        }
+        assert!(s.replicas().iter().all(|(_, healthy)| !healthy));
     }
 
     #[test]
