@@ -125,6 +125,12 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("warning: {warning}");
     }
     let paths = write_images(&args.output, &response)?;
+    if let Some(t) = &response.timings {
+        println!(
+            "generated in {:.3} s: encode {:.3} s, denoise {:.3} s, decode {:.3} s",
+            t.total_seconds, t.encode_seconds, t.denoise_seconds, t.decode_seconds
+        );
+    }
     for (path, image) in paths.iter().zip(&response.images) {
         println!(
             "wrote {} ({}x{}, seed {}, {} steps, {})",
