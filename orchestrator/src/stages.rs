@@ -106,6 +106,8 @@ struct Replica {
     check: AtomicU8,
     /// What it last reported when that was not the stage's identity (logged once per value).
     rejected_as: Mutex<Option<Identity>>,
+    /// A probe of it is under way.
+    probing: AtomicBool,
 }
 
 /// A stage: its name (used in every error) and its replicas.
@@ -337,6 +339,8 @@ impl Stage {
         let (Some(probe), Some(expected)) = (self.probe.get(), self.established()) else {
             return;
         };
+        // A replica already being probed (by an earlier round that waits on a slow or
+        // unreachable one) is left to that probe.
         let todo: Vec<Arc<Replica>> = self
             .read()
             .iter()
@@ -345,6 +349,7 @@ impl Stage {
                 REJECTED => rejected,
                 _ => false,
             })
+            .filter(|r| !r.probing.swap(true, Ordering::Relaxed))
             .cloned()
             .collect();
         let mut probes = JoinSet::new();
@@ -353,7 +358,11 @@ impl Stage {
                 InterceptedService::new(replica.channel.clone(), Inject),
                 self.timeouts.request,
             );
-            probes.spawn(async move { (replica, call.await) });
+            probes.spawn(async move {
+                let outcome = call.await;
+                replica.probing.store(false, Ordering::Relaxed);
+                (replica, outcome)
+            });
         }
         while let Some(joined) = probes.join_next().await {
             if let Ok((replica, outcome)) = joined {
@@ -491,6 +500,7 @@ impl Stage {
                         healthy: AtomicBool::new(true),
                         check: AtomicU8::new(check),
                         rejected_as: Mutex::new(None),
+                        probing: AtomicBool::new(false),
                     }));
                 }
                 Err(e) => tracing::warn!(stage = self.name, "{address}: {e}"),
@@ -504,22 +514,19 @@ impl Stage {
     /// unhealthy verified replicas. One coming back is probed again before it gets work.
     pub async fn maintain(self: Arc<Self>) {
         let mut last_resolve = Instant::now();
-        let mut verifying: Option<tokio::task::JoinHandle<()>> = None;
-        let mut recheck_rejected = false;
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            if last_resolve.elapsed() >= self.timeouts.resolve_interval {
+            let resolved = last_resolve.elapsed() >= self.timeouts.resolve_interval;
+            if resolved {
                 self.resolve().await;
                 last_resolve = Instant::now();
-                recheck_rejected = true;
             }
-            // Probes run in the background, one round at a time, so that a replica that
-            // hangs does not hold up resolution or health checks.
-            if verifying.as_ref().is_none_or(|v| v.is_finished()) {
-                let stage = self.clone();
-                let rejected = std::mem::take(&mut recheck_rejected);
-                verifying = Some(tokio::spawn(async move { stage.verify(rejected).await }));
-            }
+            // Probes run in the background (each replica at most once at a time), so that a
+            // slow or unreachable replica holds up neither the others nor resolution and
+            // health checks.
+            let stage = self.clone();
+            let rejected = resolved;
+            tokio::spawn(async move { stage.verify(rejected).await });
             let sick: Vec<Arc<Replica>> = self
                 .read()
                 .iter()
@@ -1056,9 +1063,15 @@ mod tests {
                     .await
             })
             .await;
+        // In the stage's replica order (addresses sorted).
+        let mut expected: Vec<String> = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
+        expected.sort();
         assert_eq!(outcomes.len(), 2);
-        for ((address, outcome), port) in outcomes.iter().zip(&ports) {
-            assert_eq!(*address, format!("http://127.0.0.1:{port}"));
+        for ((address, outcome), want) in outcomes.iter().zip(&expected) {
+            assert_eq!(address, want);
             let err = outcome.as_ref().unwrap_err();
             assert_eq!(err.code(), Code::Unavailable);
             assert!(
