@@ -206,7 +206,12 @@ fn generate_local_defaults_to_the_shipped_model() {
     let generate = |png: &Path, model: Option<&Path>| {
         let mut command = Command::new(bin("sd"));
         command
-            .args(["generate", "--local", "--prompt", "a red circle on a blue background"])
+            .args([
+                "generate",
+                "--local",
+                "--prompt",
+                "a red circle on a blue background",
+            ])
             .args(["--seed", "1", "--steps", "10", "--output"])
             .arg(png)
             .env_remove("SD_MODEL");
@@ -214,11 +219,18 @@ fn generate_local_defaults_to_the_shipped_model() {
             command.arg("--model").arg(model);
         }
         let run = command.output().unwrap();
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
         std::fs::read(png).unwrap()
     };
     let by_default = generate(&tmp.path().join("default.png"), None);
     let named = generate(&tmp.path().join("named.png"), Some(&default_model()));
     assert_eq!(png_size(&by_default), (64, 64));
-    assert!(by_default == named, "the default differs from the shipped model");
+    assert!(
+        by_default == named,
+        "the default differs from the shipped model"
+    );
 }

@@ -66,7 +66,7 @@ mod tests {
         let s = shadow.root().var("w", &[2], nn::Init::Const(0.0));
         let mut ema = Ema::new(&shadow, &live, 0.5).unwrap();
         assert_eq!(s.double_value(&[0]), 1.0, "starts as a copy");
-        tch::no_grad(|| w.shallow_clone().fill_(3.0));
+        let _ = tch::no_grad(|| w.shallow_clone().fill_(3.0));
         ema.update(1000);
         assert_eq!(s.double_value(&[0]), 2.0);
         assert_eq!(s.kind(), Kind::Float);
