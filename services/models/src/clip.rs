@@ -572,9 +572,13 @@ mod tests {
             "hidden_act": config.hidden_act, "layer_norm_eps": config.layer_norm_eps,
         });
         std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
-        let model =
-            ClipTextModel::build(nn::VarStore::new(Device::Cpu), config.clone(), Device::Cpu)
-                .unwrap();
+        let model = ClipTextModel::build(
+            nn::VarStore::new(Device::Cpu),
+            config.clone(),
+            Device::Cpu,
+            Params::Loaded,
+        )
+        .unwrap();
         let mut tensors: Vec<(String, Tensor)> = model
             .vs
             .variables()
