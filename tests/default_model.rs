@@ -176,10 +176,10 @@ fn resuming_with_other_settings_is_refused() {
 
 /// The shipped model's scores on the held-out prompts (colour/shape/background combinations
 /// never seen in training) at 20 steps, guidance 1.0 and 7.5, seeds fixed, must not fall below
-/// what it measured when it was trained (MODEL_CARD.md: background 50%, colour 43%, shape 27%
-/// at 7.5), less a margin for kernel differences between machines; and guidance must help.
-/// These are below the model's targets (90% / 90% / 75%): the floor catches a change that
-/// breaks generation, the card says how far the model still is from the targets.
+/// what it measured when it was trained (MODEL_CARD.md: background 100%, colour 89%, shape 39%
+/// at 7.5), less a margin for kernel differences between machines; and guidance must get
+/// whole prompts right more often. Shape is below the model's target (75%): the floor catches
+/// a change that breaks generation, the card says how far the model still is from it.
 #[test]
 fn shipped_model_keeps_its_scores_on_held_out_prompts() {
     let run = Command::new(bin("sd"))
@@ -193,11 +193,13 @@ fn shipped_model_keeps_its_scores_on_held_out_prompts() {
     eprintln!("{scores}");
     let at = |g: &str, k: &str| scores[g][k].as_f64().unwrap();
     assert!(at("7.5", "prompts") >= 40.0);
-    assert!(at("7.5", "background") >= 0.35, "{scores}");
-    assert!(at("7.5", "colour") >= 0.30, "{scores}");
-    assert!(at("7.5", "shape") >= 0.15, "{scores}");
-    let sum = |g: &str| at(g, "background") + at(g, "colour") + at(g, "shape");
-    assert!(sum("7.5") > sum("1"), "guidance must help: {scores}");
+    assert!(at("7.5", "background") >= 0.9, "{scores}");
+    assert!(at("7.5", "colour") >= 0.8, "{scores}");
+    assert!(at("7.5", "shape") >= 0.3, "{scores}");
+    assert!(
+        at("7.5", "all") > at("1", "all"),
+        "guidance must help: {scores}"
+    );
 }
 
 #[test]

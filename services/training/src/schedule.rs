@@ -33,14 +33,15 @@ impl NoiseSchedule {
         self.alphas_cumprod.size()[0]
     }
 
-    /// The min-SNR-γ loss weights of epsilon prediction (Hang et al. 2023), `min(SNR_t, γ) /
-    /// SNR_t` with `SNR_t = ᾱ_t / (1 - ᾱ_t)`, `[B]` for timesteps `[B]`: nearly clean
-    /// timesteps, whose noise is hard to see and matters little to the image, stop dominating
-    /// the gradient, which makes a small model converge several times faster.
-    pub fn min_snr_weights(&self, timesteps: &Tensor, gamma: f64) -> Tensor {
+    /// Loss weights `[B]` for the epsilon MSE at `timesteps` `[B]`: `min(1 / SNR_t, cap)` with
+    /// `SNR_t = ᾱ_t / (1 - ᾱ_t)`. An epsilon error e implies an error `e / √SNR_t` in the
+    /// predicted clean latent, so weighting by `1 / SNR_t` makes the loss the error of the
+    /// implied x0 wherever that is below the cap. Unweighted, the noisiest timesteps, where
+    /// the layout of the image is decided, teach almost nothing about x0 (their epsilon is
+    /// nearly the input); the cap keeps them from drowning out the rest.
+    pub fn x0_weights(&self, timesteps: &Tensor, cap: f64) -> Tensor {
         let a = self.alphas_cumprod.index_select(0, timesteps);
-        let snr = &a / (-&a + 1.0);
-        snr.clamp_max(gamma) / snr
+        ((-&a + 1.0) / &a).clamp_max(cap)
     }
 
     /// `x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε` for a batch `[B, ...]` with timesteps `[B]` (int64).
@@ -75,12 +76,12 @@ mod tests {
     }
 
     #[test]
-    fn min_snr_weights_cap_clean_timesteps_only() {
+    fn x0_weights_follow_inverse_snr_up_to_the_cap() {
         let s = NoiseSchedule::scaled_linear(0.00085, 0.012, 1000, Device::Cpu);
-        let w = s.min_snr_weights(&Tensor::from_slice(&[0i64, 999]), 5.0);
-        // t = 0: SNR ≈ 1175, weight 5 / 1175; t = 999: SNR < 5, weight 1.
-        assert!((w.double_value(&[0]) - 5.0 * 0.00085 / 0.99915).abs() < 1e-6);
-        assert_eq!(w.double_value(&[1]), 1.0);
+        let w = s.x0_weights(&Tensor::from_slice(&[0i64, 999]), 20.0);
+        // t = 0: 1 / SNR = β_0 / (1 - β_0); t = 999: 1 / SNR ≈ 213, capped.
+        assert!((w.double_value(&[0]) - 0.00085 / 0.99915).abs() < 1e-7);
+        assert_eq!(w.double_value(&[1]), 20.0);
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //!    deviation gives `scaling_factor`, as for SD.
 //! 2. **Diffusion**: the images are encoded once into a pool of latent distributions; each
 //!    step samples latents, adds noise at random timesteps under the model's schedule (forward
-//!    diffusion) and trains the U-Net to predict that noise (epsilon loss, min-SNR weighted),
-//!    conditioned through
+//!    diffusion) and trains the U-Net to predict that noise (epsilon loss, weighted so that
+//!    the noisiest timesteps, where the layout is decided, count), conditioned through
 //!    cross-attention on the CLIP text transformer's hidden states, which train jointly. A
 //!    fraction of captions is replaced by the empty prompt so the model also learns the
 //!    unconditional prediction that classifier-free guidance needs.
@@ -57,10 +57,10 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             seed: 0,
-            vae_steps: 1000,
+            vae_steps: 800,
             vae_batch: 16,
             vae_lr: 1e-3,
-            diffusion_steps: 4000,
+            diffusion_steps: 5000,
             diffusion_batch: 32,
             diffusion_lr: 1e-3,
             pool_size: 8192,
@@ -128,8 +128,8 @@ const CHECKPOINT_EVERY: usize = 250;
 const GRAD_CLIP: f64 = 1.0;
 /// Weight of the KL term relative to the summed squared reconstruction error (LDM's kl-f4).
 const KL_WEIGHT: f64 = 1e-6;
-/// γ of the min-SNR loss weighting (the paper's recommended 5).
-const MIN_SNR_GAMMA: f64 = 5.0;
+/// Cap of the x0-space weighting of the epsilon loss (see `NoiseSchedule::x0_weights`).
+const X0_WEIGHT_CAP: f64 = 20.0;
 /// Linear learning-rate warm-up, in steps.
 const WARMUP: usize = 100;
 
@@ -504,8 +504,7 @@ fn train_diffusion(
             (predicted - noise)
                 .square()
                 .mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
-        let loss =
-            (per_sample * schedule.min_snr_weights(&timesteps, MIN_SNR_GAMMA)).mean(Kind::Float);
+        let loss = (per_sample * schedule.x0_weights(&timesteps, X0_WEIGHT_CAP)).mean(Kind::Float);
         let lr = learning_rate(config.diffusion_lr, step, total);
         opt_unet.set_lr(lr);
         opt_text.set_lr(lr);
