@@ -1,14 +1,15 @@
 //! `sd eval`: generates an image for every held-out prompt of the shapes dataset (colour,
 //! shape and background combinations the model never saw in training) through the full
 //! gRPC pipeline, reads each back with the dataset's pixel classifier, and prints the
-//! accuracy per attribute for each guidance scale.
+//! accuracy per attribute for each guidance scale. `--split seen` scores prompts of the same
+//! make whose combinations *were* in the training data, to separate drawing from generalising.
 
 use crate::local;
 use anyhow::Context;
 use sd_proto::v1::{
     GenerateRequest, OutputFormat, image_generation_service_client::ImageGenerationServiceClient,
 };
-use sd_shapes::{Scores, classify, dataset::held_out_prompts};
+use sd_shapes::{Scores, classify, held_out_prompts, seen_prompts};
 use std::path::PathBuf;
 use tokio::task::JoinSet;
 
@@ -26,6 +27,9 @@ pub struct EvalArgs {
     /// Seed of the first prompt's noise; prompt i uses seed + i.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Which prompts: combinations held out of training, or ones seen in training.
+    #[arg(long, value_enum, default_value_t = Split::HeldOut)]
+    split: Split,
     /// Only the first N prompts (all when absent).
     #[arg(long)]
     limit: Option<usize>,
@@ -43,12 +47,21 @@ pub struct EvalArgs {
     device: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Split {
+    HeldOut,
+    Seen,
+}
+
 pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     let model = args
         .model
         .clone()
         .unwrap_or_else(|| PathBuf::from(sd_training::DEFAULT_MODEL_DIR));
-    let mut prompts = held_out_prompts();
+    let mut prompts = match args.split {
+        Split::HeldOut => held_out_prompts(),
+        Split::Seen => seen_prompts(),
+    };
     if let Some(n) = args.limit {
         prompts.truncate(n);
     }
@@ -64,8 +77,12 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Object(object));
     } else {
         println!(
-            "{} held-out prompts, {} steps, seeds {}..{}, model {}",
+            "{} {} prompts, {} steps, seeds {}..{}, model {}",
             prompts.len(),
+            match args.split {
+                Split::HeldOut => "held-out",
+                Split::Seen => "seen",
+            },
             args.steps,
             args.seed,
             args.seed + prompts.len() as u64,

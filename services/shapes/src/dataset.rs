@@ -63,7 +63,29 @@ pub struct EvalPrompt {
 /// 3. eight held-out triples (1, 4, 7, …) with a size named, alternating small and large:
 ///    `"a small red circle on a blue background"` (8).
 pub fn held_out_prompts() -> Vec<EvalPrompt> {
-    let triples = held_out_triples();
+    prompts_for(&held_out_triples())
+}
+
+/// Prompts of the same make as [`held_out_prompts`] for 25 triples that *are* in the
+/// training data (every 8th of the 200, in (fg, shape, bg) order, so every shape and colour
+/// appears): 45 prompts. The gap between the two scores measures how well the model generalises to
+/// unseen combinations, apart from how well it draws at all.
+pub fn seen_prompts() -> Vec<EvalPrompt> {
+    let mut seen = Vec::new();
+    for fg in Colour::ALL {
+        for shape in Shape::ALL {
+            for bg in Colour::ALL {
+                if fg != bg && !is_held_out(fg, shape, bg) {
+                    seen.push((fg, shape, bg));
+                }
+            }
+        }
+    }
+    let triples: Vec<_> = seen.into_iter().step_by(8).collect();
+    prompts_for(&triples)
+}
+
+fn prompts_for(triples: &[(Colour, Shape, Colour)]) -> Vec<EvalPrompt> {
     let plain = |i: usize| {
         let (fg, shape, bg) = triples[i % triples.len()];
         Scene::plain(fg, shape, bg)
@@ -294,6 +316,26 @@ mod tests {
             phrasings.insert(caption.replace(s.fg.name(), "F").replace(s.bg.name(), "B"));
         }
         assert!(phrasings.len() > 20);
+    }
+
+    #[test]
+    fn seen_prompts_are_trained_on_and_cover_every_word() {
+        let prompts = seen_prompts();
+        assert_eq!(prompts.len(), 25 + 12 + 8);
+        for p in &prompts {
+            let s = &p.expected;
+            assert!(!is_held_out(s.fg, s.shape, s.bg), "{}", p.prompt);
+        }
+        for shape in Shape::ALL {
+            assert!(
+                prompts.iter().any(|p| p.expected.shape == shape),
+                "{shape:?}"
+            );
+        }
+        for c in Colour::ALL {
+            assert!(prompts.iter().any(|p| p.expected.fg == c), "{c:?}");
+            assert!(prompts.iter().any(|p| p.expected.bg == c), "{c:?}");
+        }
     }
 
     #[test]

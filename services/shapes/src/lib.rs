@@ -17,6 +17,6 @@ pub mod rng;
 pub use classify::{Prediction, Scores, classify};
 pub use dataset::{
     COLOURS, Colour, EvalPrompt, Jitter, NamedColour, Position, Sample, Scene, Shape,
-    ShapesDataset, Size, held_out_prompts, held_out_triples, is_held_out, render,
+    ShapesDataset, Size, held_out_prompts, held_out_triples, is_held_out, render, seen_prompts,
 };
 pub use rng::SplitMix64;
