@@ -1,11 +1,17 @@
-//! Serving behaviour across real processes: step batching in the denoiser, failover when a
-//! replica dies mid-generation, cancellation, admission limits, and replicas added later.
+//! Serving behaviour across real processes: step batching in the denoiser, call batching in
+//! the text encoder and VAE, failover when a replica dies mid-generation, cancellation,
+//! admission limits, and replicas added later.
 
 #![allow(clippy::unwrap_used)]
 
 use sd_e2e::{Service, tiny_model};
 use sd_proto::{
-    stage::{DataType, DenoiseRequest, Tensor, denoiser_service_client::DenoiserServiceClient},
+    stage::{
+        DataType, DecodeRequest, DenoiseRequest, EncodeRequest, Tensor,
+        denoiser_service_client::DenoiserServiceClient,
+        text_encoder_service_client::TextEncoderServiceClient,
+        vae_service_client::VaeServiceClient,
+    },
     v1::{GenerateRequest, GenerateStreamRequest, generate_stream_response::Event},
 };
 use std::time::Duration;
@@ -133,6 +139,121 @@ async fn concurrent_generations_share_denoiser_forwards() {
         .unwrap()
         .into_inner();
     assert_eq!((r.batch_calls, r.batch_rows), (1, 1));
+}
+
+/// Runs `f(i)` for every `i` in `0..n` at once and collects the results in order.
+async fn all_at_once<T: Send + 'static, F>(n: usize, f: impl Fn(usize) -> F) -> Vec<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(f(i))).collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.shape, b.shape);
+    let (a, b) = (a.to_f32_vec("a").unwrap(), b.to_f32_vec("b").unwrap());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_encoder_and_vae_batch_concurrent_calls_and_answer_each_its_own() {
+    let te = stage("sd-text-encoder", &["--batch-wait-ms", "200"]).await;
+    let vae = stage("sd-vae", &["--batch-wait-ms", "200"]).await;
+
+    // Text encoder: six calls at once, one with bad emphasis syntax in its second prompt.
+    let prompts = |i: usize| -> Vec<String> {
+        let second = if i == 3 { "a)" } else { "grey" };
+        vec![format!("a (red:1.2) circle number {i}"), second.to_string()]
+    };
+    let encode = |p: Vec<String>| EncodeRequest {
+        prompts: p,
+        clip_skip: vec![],
+        long_prompt: false,
+        prompt_weighting: true,
+    };
+    let client = TextEncoderServiceClient::connect(te.url()).await.unwrap();
+    let together = all_at_once(6, |i| {
+        let mut c = client.clone();
+        let request = encode(prompts(i));
+        async move { c.encode(request).await }
+    })
+    .await;
+    let mut shared = 0;
+    for (i, r) in together.into_iter().enumerate() {
+        if i == 3 {
+            // The bad call fails alone, naming its own prompt index.
+            let err = r.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(err.message().contains("prompts[1]"), "{}", err.message());
+            continue;
+        }
+        let r = r.unwrap().into_inner();
+        shared = shared.max(r.batch_calls);
+        let lone = client
+            .clone()
+            .encode(encode(prompts(i)))
+            .await
+            .unwrap()
+            .into_inner();
+        let (got, want) = (r.hidden_states.unwrap(), lone.hidden_states.unwrap());
+        // Same rows as a lone call, up to the summation order of a larger matmul.
+        assert!(max_abs_diff(&got, &want) < 1e-5, "call {i}");
+    }
+    assert!(shared > 1, "no Encode calls shared a forward");
+
+    // VAE: four calls at once with different latents, two sizes; same-size calls share.
+    let latents = |i: usize| {
+        let side = if i.is_multiple_of(2) { 8 } else { 16 };
+        let n = 4 * side * side;
+        let values: Vec<f32> = (0..n)
+            .map(|k| ((k * (i + 1)) % 7) as f32 * 0.3 - 1.0)
+            .collect();
+        Tensor::from_f32(&[1, 4, side as i64, side as i64], &values)
+    };
+    let decode = |i: usize| DecodeRequest {
+        latents: Some(latents(i)),
+        encoding: 0,
+    };
+    let client = VaeServiceClient::connect(vae.url()).await.unwrap();
+    let together = all_at_once(4, |i| {
+        let mut c = client.clone();
+        let request = decode(i);
+        async move { c.decode(request).await }
+    })
+    .await;
+    for (i, r) in together.into_iter().enumerate() {
+        let r = r.unwrap().into_inner();
+        assert_eq!((r.batch_calls, r.batch_rows), (2, 2), "call {i}");
+        let side = if i.is_multiple_of(2) { 64 } else { 128 };
+        assert_eq!(r.images[0].width, side);
+        let lone = client.clone().decode(decode(i)).await.unwrap().into_inner();
+        assert_eq!(lone.batch_calls, 1);
+        let (a, b) = (
+            image::load_from_memory(&r.images[0].data)
+                .unwrap()
+                .to_rgb8(),
+            image::load_from_memory(&lone.images[0].data)
+                .unwrap()
+                .to_rgb8(),
+        );
+        // 8-bit pixels: a batched forward may flip the rounding of a pixel by one level.
+        let worst = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap();
+        assert!(worst <= 1, "call {i}: pixels differ by {worst}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

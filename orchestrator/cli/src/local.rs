@@ -2,7 +2,7 @@
 //! port, talking gRPC exactly as they do when deployed apart.
 
 use anyhow::Context;
-use sd_runtime::StageArgs;
+use sd_runtime::{BatchArgs as StageBatchArgs, StageArgs};
 use std::{future::Future, path::Path, pin::Pin, time::Duration};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic_health::pb::{
@@ -74,7 +74,12 @@ impl Cluster {
         let services = vec![
             (
                 "text-encoder",
-                tokio::spawn(sd_text_encoder::run(stage.clone(), te, stopped(rx.clone()))),
+                tokio::spawn(sd_text_encoder::run(
+                    stage.clone(),
+                    StageBatchArgs::default(),
+                    te,
+                    stopped(rx.clone()),
+                )),
             ),
             (
                 "denoiser",
@@ -87,7 +92,12 @@ impl Cluster {
             ),
             (
                 "vae",
-                tokio::spawn(sd_vae::run(stage, vae, stopped(rx.clone()))),
+                tokio::spawn(sd_vae::run(
+                    stage,
+                    StageBatchArgs::default(),
+                    vae,
+                    stopped(rx.clone()),
+                )),
             ),
             (
                 "orchestrator",

@@ -4,18 +4,16 @@
 //! its text context, so any replica can serve any step. Classifier-free guidance is fused:
 //! the unconditional and conditional halves run as one U-Net batch and the guided prediction
 //! is returned (half the bytes back, one round trip). Concurrent calls are batched into one
-//! U-Net forward ([`batcher`]).
+//! U-Net forward ([`sd_runtime::batcher`], bucketed by [`model::Step`]'s key).
 //!
 //! A call may name its context with a `context_id`; the context is then kept on the device in
 //! a bounded conditioning cache ([`cache`]) and later steps of the generation send the id
 //! alone. A replica that does not hold an id answers FAILED_PRECONDITION with
 //! `sd-context-miss` and the caller re-sends the context, so any replica still serves any step.
 
-pub mod batcher;
 pub mod cache;
 pub mod model;
 
-use batcher::{BatchConfig, BatchError, Batcher, FailureKind};
 use cache::{CacheConfig, ContextCache};
 use model::{Model, Step};
 use sd_models::unet_2d_condition::UNet2DConditionModel;
@@ -27,7 +25,12 @@ use sd_proto::{
         denoiser_service_server::{DenoiserService, DenoiserServiceServer},
     },
 };
-use sd_runtime::{StageArgs, stage::serve_stage, status, wire};
+use sd_runtime::{
+    StageArgs,
+    batcher::{BatchConfig, Batcher},
+    stage::serve_stage,
+    status, wire,
+};
 use sd_server::Health;
 use std::{
     future::Future,
@@ -93,7 +96,7 @@ impl Default for BatchArgs {
 
 /// The gRPC service.
 pub struct Denoiser {
-    batcher: Batcher,
+    batcher: Batcher<Step, Tensor, Status>,
     metrics: sd_server::telemetry::metrics::Stage,
     info: Arc<OnceLock<DenoiserServiceInfoResponse>>,
     cache: Arc<ContextCache>,
@@ -297,13 +300,13 @@ impl DenoiserService for Denoiser {
         let (step, context_cached) = self.validate(request.get_ref(), info)?;
         let _inflight = self.metrics.inflight();
         let out = self.batcher.submit(step).await.map_err(|e| {
-            let status = batch_status(e);
+            let status = status::batch(e);
             self.metrics.error(status.code());
             status
         })?;
         tracing::Span::current().record("batch_rows", out.batch_rows);
         let model_output =
-            wire::from_tch(&out.output).map_err(|e| status::model(STAGE, e.into()))?;
+            wire::from_tch(&out.value).map_err(|e| status::model(STAGE, e.into()))?;
         Ok(Response::new(DenoiseResponse {
             model_output: Some(model_output),
             batch_rows: out.batch_rows as u32,
@@ -312,33 +315,6 @@ impl DenoiserService for Denoiser {
             compute_seconds: out.compute.as_secs_f64(),
             context_cached,
         }))
-    }
-}
-
-/// Maps batching failures to statuses; overload carries a retry hint.
-fn batch_status(e: BatchError) -> Status {
-    match &e {
-        BatchError::Overloaded { .. } => {
-            let mut status = Status::resource_exhausted(e.to_string());
-            status.metadata_mut().insert(
-                "retry-after-ms",
-                tonic::metadata::MetadataValue::from(100u32),
-            );
-            status
-        }
-        BatchError::Stopped => Status::unavailable(e.to_string()),
-        BatchError::Failed {
-            kind: FailureKind::Input,
-            ..
-        } => Status::invalid_argument(e.to_string()),
-        BatchError::Failed {
-            kind: FailureKind::OutOfMemory,
-            ..
-        } => Status::resource_exhausted(e.to_string()),
-        BatchError::Failed {
-            kind: FailureKind::Internal,
-            ..
-        } => Status::internal(e.to_string()),
     }
 }
 
@@ -366,7 +342,7 @@ pub async fn run(
     let ready = info.clone();
     let load_args = args.clone();
     let config = BatchConfig {
-        max_batch: batch.max_batch.max(1),
+        max_rows: batch.max_batch.max(1),
         max_wait: std::time::Duration::from_millis(batch.batch_wait_ms),
         max_pending: args.max_queue.max(1),
     };
@@ -376,7 +352,7 @@ pub async fn run(
         ttl: std::time::Duration::from_secs(batch.context_cache_ttl_secs),
     }));
     let model_cache = cache.clone();
-    let (batcher, loaded) = Batcher::spawn(config, metrics.clone(), move || {
+    let load = move || {
         let unet = UNet2DConditionModel::load(
             &load_args.model.join("unet"),
             load_args.device.0,
@@ -400,8 +376,17 @@ pub async fn run(
             latent_multiple: c.downsample_factor() as u32,
             context_cache_bytes: batch.context_cache_bytes,
         });
-        Ok(model)
-    });
+        Ok::<_, sd_models::ModelError>(model)
+    };
+    let (batcher, loaded) = Batcher::spawn(
+        STAGE,
+        config,
+        metrics.clone(),
+        load,
+        |model: &Model, steps: Vec<Step>| {
+            model.denoise(&steps).map_err(|e| status::model(STAGE, e))
+        },
+    );
     let service = DenoiserServiceServer::new(Denoiser {
         batcher,
         metrics,

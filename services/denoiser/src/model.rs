@@ -7,6 +7,7 @@
 
 use crate::cache::ContextCache;
 use sd_models::{ModelError, unet_2d_condition::UNet2DConditionModel};
+use sd_runtime::batcher::Batchable;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -31,17 +32,18 @@ pub struct Step {
 /// Steps that can share a forward: same latent size and context length.
 pub type BucketKey = (i64, i64, i64);
 
-impl Step {
-    /// U-Net rows this step occupies.
-    pub fn rows(&self) -> usize {
-        let b = self.sample.size()[0] as usize;
-        if self.guidance.is_some() { 2 * b } else { b }
+impl Batchable for Step {
+    type Key = BucketKey;
+
+    fn key(&self) -> Option<BucketKey> {
+        let s = self.sample.size();
+        Some((s[2], s[3], self.context.size()[1]))
     }
 
-    /// The bucket this step batches in.
-    pub fn key(&self) -> BucketKey {
-        let s = self.sample.size();
-        (s[2], s[3], self.context.size()[1])
+    /// U-Net rows: a guided sample is two (unconditional and conditional).
+    fn rows(&self) -> usize {
+        let b = self.sample.size()[0] as usize;
+        if self.guidance.is_some() { 2 * b } else { b }
     }
 }
 

@@ -1,14 +1,14 @@
 //! The libtorch side shared by the three model stages.
 //!
-//! - [`worker`]: the model lives on its own OS thread (tch tensors are `Send` but not
-//!   `Sync`); async handlers send it closures and await the answer.
+//! - [`batcher`]: the model lives on its own OS thread (tch tensors are `Send` but not
+//!   `Sync`), fed by a bounded queue that gathers concurrent calls into one forward.
 //! - [`wire`]: conversion between wire tensors (`sd.stage.v1.Tensor`) and `tch::Tensor`.
 //! - [`StageArgs`]: the `--model`, `--device`, `--dtype` flags every stage takes.
 
+pub mod batcher;
 pub mod stage;
 pub mod status;
 pub mod wire;
-pub mod worker;
 
 use sd_models::device::{DTypeSpec, DeviceSpec};
 use sd_proto::stage::{DataType, ModelInfo};
@@ -33,6 +33,38 @@ pub struct StageArgs {
     /// Requests waiting for the model beyond this are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "SD_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
+}
+
+/// Dynamic batching flags of a model stage ([`batcher`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BatchArgs {
+    /// Most rows per forward (prompts for the text encoder, latents for the VAE); 1 disables
+    /// batching.
+    #[arg(long, env = "SD_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
+    /// Milliseconds the first call of a batch waits for concurrent calls to join it.
+    #[arg(long, env = "SD_BATCH_WAIT_MS", default_value_t = 5)]
+    pub batch_wait_ms: u64,
+}
+
+impl Default for BatchArgs {
+    fn default() -> Self {
+        Self {
+            max_batch: 8,
+            batch_wait_ms: 5,
+        }
+    }
+}
+
+impl BatchArgs {
+    /// The batcher limits, with `max_pending` queued calls admitted.
+    pub fn config(&self, max_pending: usize) -> batcher::BatchConfig {
+        batcher::BatchConfig {
+            max_rows: self.max_batch.max(1),
+            max_wait: std::time::Duration::from_millis(self.batch_wait_ms),
+            max_pending: max_pending.max(1),
+        }
+    }
 }
 
 impl StageArgs {

@@ -2,7 +2,7 @@
 //! the field, overload and GPU out-of-memory are RESOURCE_EXHAUSTED, a stage still loading or
 //! stopped is UNAVAILABLE naming the stage, anything else is INTERNAL.
 
-use crate::worker::WorkerError;
+use crate::batcher::BatchError;
 use sd_models::ModelError;
 use sd_proto::tensor::TensorError;
 use tonic::Status;
@@ -12,12 +12,24 @@ pub fn tensor(e: TensorError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-/// Converts a worker failure.
-pub fn worker(e: WorkerError) -> Status {
+/// How long an overloaded stage asks callers to wait before retrying (`retry-after-ms`).
+pub const RETRY_AFTER_MS: u32 = 100;
+
+/// Converts a batching failure whose forward error is already a status. Overload carries a
+/// `retry-after-ms` hint.
+pub fn batch(e: BatchError<Status>) -> Status {
     match e {
-        WorkerError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
-        WorkerError::Stopped(_) => Status::unavailable(e.to_string()),
-        WorkerError::Panicked(..) => Status::internal(e.to_string()),
+        BatchError::Overloaded { .. } => {
+            let mut status = Status::resource_exhausted(e.to_string());
+            status.metadata_mut().insert(
+                "retry-after-ms",
+                tonic::metadata::MetadataValue::from(RETRY_AFTER_MS),
+            );
+            status
+        }
+        BatchError::Stopped(_) => Status::unavailable(e.to_string()),
+        BatchError::Panicked { .. } => Status::internal(e.to_string()),
+        BatchError::Failed(status) => status,
     }
 }
 
@@ -45,26 +57,31 @@ fn is_out_of_memory(message: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use tonic::Code;
 
     #[test]
     fn codes() {
-        assert_eq!(
-            worker(WorkerError::Overloaded("denoiser")).code(),
-            Code::ResourceExhausted
-        );
-        assert_eq!(
-            worker(WorkerError::Stopped("vae")).code(),
-            Code::Unavailable
-        );
+        assert_eq!(batch(BatchError::Stopped("vae")).code(), Code::Unavailable);
         assert_eq!(
             model("vae", ModelError::Input("latents: bad".into())).code(),
             Code::InvalidArgument
         );
         let oom = ModelError::Torch(tch::TchError::Torch("CUDA out of memory. Tried".into()));
         assert_eq!(model("denoiser", oom).code(), Code::ResourceExhausted);
+        let overloaded = batch(BatchError::Overloaded {
+            stage: "vae",
+            pending: 64,
+            limit: 64,
+        });
+        assert_eq!(overloaded.code(), Code::ResourceExhausted);
+        assert_eq!(overloaded.metadata().get("retry-after-ms").unwrap(), "100");
+        let failed = batch(BatchError::Failed(Status::invalid_argument(
+            "prompts[0]: x",
+        )));
+        assert_eq!(failed.code(), Code::InvalidArgument);
         let s = warming_up("text-encoder");
         assert_eq!(s.code(), Code::Unavailable);
         assert!(s.message().contains("text-encoder"));

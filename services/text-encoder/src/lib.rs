@@ -1,6 +1,12 @@
 //! The text-encoder stage: CLIP tokenizer + CLIP text transformer behind
 //! `sd.stage.v1.TextEncoderService`. Prompts in, last hidden states out; long prompts and
 //! emphasis weights on request ([`prompts`]).
+//!
+//! Concurrent Encode calls with the same options run as one CLIP forward
+//! ([`sd_runtime::batcher`]): each call is tokenized on its own (a bad prompt fails only its
+//! call, and errors name the caller's own `prompts[i]`), the rows are stacked, and each call
+//! gets its own rows back. Long-prompt calls run alone, since their chunk count depends on the
+//! longest prompt of the call.
 
 pub mod prompts;
 
@@ -14,7 +20,8 @@ use sd_proto::{
         text_encoder_service_server::{TextEncoderService, TextEncoderServiceServer},
     },
 };
-use sd_runtime::{StageArgs, stage::serve_stage, status, wire, worker::Worker};
+use sd_runtime::batcher::{Batchable, Batcher};
+use sd_runtime::{BatchArgs, StageArgs, stage::serve_stage, status, wire};
 use sd_server::Health;
 use std::{
     future::Future,
@@ -43,6 +50,8 @@ pub struct Args {
     pub listen: std::net::SocketAddr,
     #[command(flatten)]
     pub stage: StageArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
     #[command(flatten)]
     pub log: sd_server::LogArgs,
 }
@@ -79,15 +88,21 @@ impl Model {
         clip_skip: &[u32],
         options: Options,
     ) -> Result<(Tensor, Vec<u32>), ModelError> {
-        let Batch {
-            ids,
-            weights,
-            chunks,
-            row_length,
-            truncated,
-        } = prompts::plan(&self.tokenizer, prompts, options)?;
-        let (n, k, l) = (prompts.len() as i64, chunks as i64, row_length as i64);
-        let input = Tensor::f_from_slice(&ids)?
+        let batch = prompts::plan(&self.tokenizer, prompts, options)?;
+        let hidden = self.forward(&batch, prompts.len(), clip_skip, options)?;
+        Ok((hidden, batch.truncated))
+    }
+
+    /// Runs the planned rows of `n` prompts through CLIP: `[n, chunks * max_length, hidden]`.
+    fn forward(
+        &self,
+        batch: &Batch,
+        n: usize,
+        clip_skip: &[u32],
+        options: Options,
+    ) -> Result<Tensor, ModelError> {
+        let (n, k, l) = (n as i64, batch.chunks as i64, batch.row_length as i64);
+        let input = Tensor::f_from_slice(&batch.ids)?
             .f_view([n * k, l])?
             .f_to_device(self.device)?;
         let hidden = match clip_skip.first() {
@@ -108,19 +123,119 @@ impl Model {
             }
         };
         let hidden = if options.prompt_weighting {
-            prompt_weighting::apply_weights(&hidden, &weights)?
+            prompt_weighting::apply_weights(&hidden, &batch.weights)?
         } else {
             hidden
         };
         // Prompt-major rows: [n * k, l, d] -> [n, k * l, d] concatenates each prompt's chunks.
-        let hidden = hidden.f_reshape([n, k * l, -1])?;
-        Ok((hidden, truncated))
+        Ok(hidden.f_reshape([n, k * l, -1])?)
+    }
+
+    /// Serves a batch of calls that share a key ([`EncodeJob::key`]): plans each call on its
+    /// own, runs every planned row as one forward, and cuts each call's rows back out.
+    fn encode_jobs(&self, jobs: Vec<EncodeJob>) -> Result<Vec<Result<Encoded, Status>>, Status> {
+        let mut results: Vec<Option<Result<Encoded, Status>>> = Vec::with_capacity(jobs.len());
+        let mut planned = Vec::with_capacity(jobs.len());
+        for (i, job) in jobs.iter().enumerate() {
+            match prompts::plan(&self.tokenizer, &job.prompts, job.options) {
+                Ok(batch) => {
+                    planned.push((i, batch));
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(status::model(STAGE, e)))),
+            }
+        }
+        let Some((first, first_batch)) = planned.first() else {
+            return Ok(results.into_iter().flatten().collect());
+        };
+        let first = &jobs[*first];
+        let layout = (first_batch.chunks, first_batch.row_length);
+        if planned
+            .iter()
+            .any(|(_, b)| (b.chunks, b.row_length) != layout)
+        {
+            return Err(Status::internal(format!(
+                "{STAGE}: calls of different row layouts were batched together"
+            )));
+        }
+        let mut all = Batch {
+            ids: Vec::new(),
+            weights: Vec::new(),
+            chunks: layout.0,
+            row_length: layout.1,
+            truncated: Vec::new(),
+        };
+        for (_, b) in &planned {
+            all.ids.extend_from_slice(&b.ids);
+            all.weights.extend_from_slice(&b.weights);
+        }
+        let n: usize = planned.iter().map(|(i, _)| jobs[*i].prompts.len()).sum();
+        // The key lets only calls that all sent clip_skip, or all did not, share a batch.
+        let clip_skip: Vec<u32> = planned
+            .iter()
+            .flat_map(|(i, _)| jobs[*i].clip_skip.iter().copied())
+            .collect();
+        let hidden = self
+            .forward(&all, n, &clip_skip, first.options)
+            .map_err(|e| status::model(STAGE, e))?;
+        let mut offset = 0i64;
+        for (i, batch) in planned {
+            let count = jobs[i].prompts.len() as i64;
+            let rows = hidden
+                .f_narrow(0, offset, count)
+                .map_err(|e| status::model(STAGE, e.into()))?;
+            offset += count;
+            results[i] = Some(Ok((rows, batch.truncated)));
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+}
+
+/// Hidden states `[prompts, positions, hidden]` and truncated token counts of one call.
+type Encoded = (Tensor, Vec<u32>);
+
+/// One Encode call on its way to the model thread.
+struct EncodeJob {
+    prompts: Vec<String>,
+    /// Empty (last layer for all) or one entry per prompt.
+    clip_skip: Vec<u32>,
+    options: Options,
+}
+
+/// What calls must agree on to share a forward.
+#[derive(Debug, PartialEq, Eq)]
+struct EncodeKey {
+    /// `None`: the call sent no clip_skip; otherwise the one value all its prompts use.
+    clip_skip: Option<u32>,
+    prompt_weighting: bool,
+}
+
+impl Batchable for EncodeJob {
+    type Key = EncodeKey;
+
+    fn key(&self) -> Option<EncodeKey> {
+        if self.options.long_prompt {
+            return None; // the chunk count depends on the call's longest prompt
+        }
+        let clip_skip = match self.clip_skip.split_first() {
+            None => None,
+            Some((first, rest)) if rest.iter().all(|c| c == first) => Some(*first),
+            Some(_) => return None, // per-prompt layers: run as sent
+        };
+        Some(EncodeKey {
+            clip_skip,
+            prompt_weighting: self.options.prompt_weighting,
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.prompts.len()
     }
 }
 
 /// The gRPC service.
 pub struct TextEncoder {
-    worker: Worker<Model>,
+    batcher: Batcher<EncodeJob, Result<Encoded, Status>, Status>,
     info: Arc<OnceLock<TextEncoderServiceInfoResponse>>,
 }
 
@@ -134,7 +249,7 @@ impl TextEncoderService for TextEncoder {
         Ok(Response::new(info.clone()))
     }
 
-    #[tracing::instrument(skip_all, fields(prompts = request.get_ref().prompts.len()))]
+    #[tracing::instrument(skip_all, fields(prompts = request.get_ref().prompts.len(), batch_rows))]
     async fn encode(
         &self,
         request: Request<EncodeRequest>,
@@ -160,16 +275,21 @@ impl TextEncoderService for TextEncoder {
             long_prompt,
             prompt_weighting,
         };
-        let (hidden, truncated) = self
-            .worker
-            .run(move |m| m.encode(&prompts, &clip_skip, options))
-            .await
-            .map_err(status::worker)?
-            .map_err(|e| status::model(STAGE, e))?;
+        let job = EncodeJob {
+            prompts,
+            clip_skip,
+            options,
+        };
+        let out = self.batcher.submit(job).await.map_err(status::batch)?;
+        tracing::Span::current().record("batch_rows", out.batch_rows);
+        let (batch_rows, batch_calls) = (out.batch_rows as u32, out.batch_calls as u32);
+        let (hidden, truncated) = out.value?;
         let hidden_states = wire::from_tch(&hidden).map_err(|e| status::model(STAGE, e.into()))?;
         Ok(Response::new(EncodeResponse {
             hidden_states: Some(hidden_states),
             truncated_tokens: truncated,
+            batch_rows,
+            batch_calls,
         }))
     }
 }
@@ -203,6 +323,7 @@ fn validate_prompts(prompts: &[String]) -> Result<(), Status> {
 /// folder cannot be loaded (the error names the file).
 pub async fn run(
     args: StageArgs,
+    batch: BatchArgs,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -211,7 +332,8 @@ pub async fn run(
     let info = Arc::new(OnceLock::new());
     let ready = info.clone();
     let load_args = args.clone();
-    let (worker, loaded) = Worker::spawn(STAGE, args.max_queue, move || {
+    let metrics = sd_server::telemetry::metrics::Stage::new(STAGE);
+    let load = move || {
         let model = Model::load(&load_args)?;
         let config = model.clip.config();
         let _ = ready.set(TextEncoderServiceInfoResponse {
@@ -220,9 +342,16 @@ pub async fn run(
             max_length: model.tokenizer.max_length() as u32,
             vocab_size: config.vocab_size as u32,
         });
-        Ok(model)
-    });
-    let service = TextEncoderServiceServer::new(TextEncoder { worker, info })
+        Ok::<_, ModelError>(model)
+    };
+    let (batcher, loaded) = Batcher::spawn(
+        STAGE,
+        batch.config(args.max_queue),
+        metrics,
+        load,
+        |m: &Model, jobs| m.encode_jobs(jobs),
+    );
+    let service = TextEncoderServiceServer::new(TextEncoder { batcher, info })
         .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
     let router =

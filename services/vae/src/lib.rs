@@ -1,6 +1,10 @@
 //! The VAE stage: `AutoencoderKL`'s decoder behind `sd.stage.v1.VaeService`. Latents in,
 //! 8-bit images out (PNG or raw RGB), never float pixels: a 512x512 image is 768 KiB as RGB8
 //! and 3 MiB as f32.
+//!
+//! Concurrent Decode calls whose latents share a size and element type run as one decoder
+//! forward ([`sd_runtime::batcher`]); each call gets its own images back. Image encoding runs
+//! off the model thread.
 
 use image::{ExtendedColorType, ImageEncoder, codecs::png::PngEncoder};
 use sd_models::{ModelError, autoencoder_kl::AutoencoderKL};
@@ -12,7 +16,12 @@ use sd_proto::{
         vae_service_server::{VaeService, VaeServiceServer},
     },
 };
-use sd_runtime::{StageArgs, stage::serve_stage, status, wire, worker::Worker};
+use sd_runtime::{
+    BatchArgs, StageArgs,
+    batcher::{Batchable, Batcher},
+    stage::serve_stage,
+    status, wire,
+};
 use sd_server::Health;
 use std::{
     future::Future,
@@ -37,6 +46,8 @@ pub struct Args {
     pub listen: std::net::SocketAddr,
     #[command(flatten)]
     pub stage: StageArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
     #[command(flatten)]
     pub log: sd_server::LogArgs,
 }
@@ -80,9 +91,42 @@ impl Model {
     }
 }
 
+/// One Decode call's latents `[B, C, h, w]` (CPU, as they came off the wire).
+struct DecodeJob(Tensor);
+
+impl Batchable for DecodeJob {
+    /// Latent height and width, and element type.
+    type Key = (i64, i64, Kind);
+
+    fn key(&self) -> Option<Self::Key> {
+        let s = self.0.size();
+        Some((s[2], s[3], self.0.kind()))
+    }
+
+    fn rows(&self) -> usize {
+        self.0.size()[0] as usize
+    }
+}
+
+impl Model {
+    /// Decodes the calls' latents as one batch and returns each call's `[B, H, W, 3]` u8.
+    fn decode_jobs(&self, jobs: Vec<DecodeJob>) -> Result<Vec<Tensor>, Status> {
+        let counts: Vec<i64> = jobs.iter().map(|j| j.0.size()[0]).collect();
+        let latents: Vec<Tensor> = jobs.into_iter().map(|j| j.0).collect();
+        let all = if latents.len() == 1 {
+            latents[0].shallow_clone()
+        } else {
+            Tensor::f_cat(&latents, 0).map_err(|e| status::model(STAGE, e.into()))?
+        };
+        let rgb = self.decode(all).map_err(|e| status::model(STAGE, e))?;
+        rgb.f_split_with_sizes(&counts, 0)
+            .map_err(|e| status::model(STAGE, e.into()))
+    }
+}
+
 /// The gRPC service.
 pub struct Vae {
-    worker: Worker<Model>,
+    batcher: Batcher<DecodeJob, Tensor, Status>,
     info: Arc<OnceLock<VaeServiceInfoResponse>>,
 }
 
@@ -96,7 +140,7 @@ impl VaeService for Vae {
         Ok(Response::new(info.clone()))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(batch_rows))]
     async fn decode(
         &self,
         request: Request<DecodeRequest>,
@@ -139,16 +183,22 @@ impl VaeService for Vae {
             )));
         }
         let latents = wire::to_tch(&latents, "latents").map_err(status::tensor)?;
-        let rgb = self
-            .worker
-            .run(move |m| m.decode(latents))
+        let out = self
+            .batcher
+            .submit(DecodeJob(latents))
             .await
-            .map_err(status::worker)?
-            .map_err(|e| status::model(STAGE, e))?;
+            .map_err(status::batch)?;
+        tracing::Span::current().record("batch_rows", out.batch_rows);
+        let (rows, calls) = (out.batch_rows as u32, out.batch_calls as u32);
+        let rgb = out.value;
         let images = tokio::task::spawn_blocking(move || encode_images(&rgb, encoding))
             .await
             .map_err(|e| Status::internal(format!("{STAGE}: image encoding task failed: {e}")))??;
-        Ok(Response::new(DecodeResponse { images }))
+        Ok(Response::new(DecodeResponse {
+            images,
+            batch_rows: rows,
+            batch_calls: calls,
+        }))
     }
 }
 
@@ -188,6 +238,7 @@ fn encode_images(rgb: &Tensor, encoding: ImageEncoding) -> Result<Vec<DecodedIma
 /// folder cannot be loaded (the error names the file).
 pub async fn run(
     args: StageArgs,
+    batch: BatchArgs,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -196,7 +247,7 @@ pub async fn run(
     let info = Arc::new(OnceLock::new());
     let ready = info.clone();
     let load_args = args.clone();
-    let (worker, loaded) = Worker::spawn(STAGE, args.max_queue, move || {
+    let load = move || {
         let model = Model::load(&load_args)?;
         let c = model.vae.config();
         let _ = ready.set(VaeServiceInfoResponse {
@@ -206,9 +257,16 @@ pub async fn run(
             shift_factor: c.shift_factor.map(|s| s as f32),
             downsample_factor: model.vae.downsample_factor() as u32,
         });
-        Ok(model)
-    });
-    let service = VaeServiceServer::new(Vae { worker, info })
+        Ok::<_, ModelError>(model)
+    };
+    let (batcher, loaded) = Batcher::spawn(
+        STAGE,
+        batch.config(args.max_queue),
+        sd_server::telemetry::metrics::Stage::new(STAGE),
+        load,
+        |m: &Model, jobs| m.decode_jobs(jobs),
+    );
+    let service = VaeServiceServer::new(Vae { batcher, info })
         .max_decoding_message_size(sd_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(sd_proto::MAX_MESSAGE_BYTES);
     let router = sd_server::router(service_names::VAE, health_service)?.add_service(service);
