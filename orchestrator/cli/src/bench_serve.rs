@@ -38,7 +38,8 @@ pub struct ServeArgs {
     /// f32, f16 or bf16.
     #[arg(long, env = "SD_DTYPE", default_value = "f32")]
     dtype: String,
-    /// Step batching settings to run: `on` (--max-batch, 5 ms wait), `off` (1 row, no wait).
+    /// Batching settings to run: `on` (denoiser --max-batch, text encoder and VAE their
+    /// default, 5 ms wait), `off` (1 row per forward in every stage, no wait).
     #[arg(long, value_delimiter = ',', default_value = "on,off")]
     batching: Vec<Toggle>,
     /// Conditioning cache settings to run: `on` (the denoiser's default budget), `off`
@@ -95,7 +96,17 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
             },
             ..Default::default()
         };
-        let cluster = Cluster::start_with(&a.model, &a.device, &a.dtype, batch.clone()).await?;
+        // The text encoder and VAE batch (or not) with the denoiser.
+        let stage_batch = sd_runtime::BatchArgs {
+            max_batch: if max_batch > 1 {
+                sd_runtime::BatchArgs::default().max_batch
+            } else {
+                1
+            },
+            batch_wait_ms: wait_ms,
+        };
+        let cluster =
+            Cluster::start_with(&a.model, &a.device, &a.dtype, batch.clone(), stage_batch).await?;
         let channel = tonic::transport::Endpoint::from_shared(cluster.orchestrator_url())?
             .connect()
             .await?;

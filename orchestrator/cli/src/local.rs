@@ -32,15 +32,18 @@ impl Cluster {
     /// Starts everything and waits until the orchestrator reports SERVING (every stage loaded
     /// and warmed up). A stage that fails to load ends this with its error.
     pub async fn start(model: &Path, device: &str, dtype: &str) -> anyhow::Result<Self> {
-        Self::start_with(model, device, dtype, sd_denoiser::BatchArgs::default()).await
+        let denoiser = sd_denoiser::BatchArgs::default();
+        Self::start_with(model, device, dtype, denoiser, StageBatchArgs::default()).await
     }
 
-    /// [`Cluster::start`] with the denoiser's batching settings.
+    /// [`Cluster::start`] with the denoiser's batching and cache settings, and the text
+    /// encoder's and VAE's batching settings.
     pub async fn start_with(
         model: &Path,
         device: &str,
         dtype: &str,
         batch: sd_denoiser::BatchArgs,
+        stage_batch: StageBatchArgs,
     ) -> anyhow::Result<Self> {
         let stage = StageArgs {
             model: model.to_path_buf(),
@@ -76,7 +79,7 @@ impl Cluster {
                 "text-encoder",
                 tokio::spawn(sd_text_encoder::run(
                     stage.clone(),
-                    StageBatchArgs::default(),
+                    stage_batch.clone(),
                     te,
                     stopped(rx.clone()),
                 )),
@@ -94,7 +97,7 @@ impl Cluster {
                 "vae",
                 tokio::spawn(sd_vae::run(
                     stage,
-                    StageBatchArgs::default(),
+                    stage_batch,
                     vae,
                     stopped(rx.clone()),
                 )),

@@ -51,6 +51,13 @@ pub struct TrainArgs {
     /// Fraction of captions replaced by the empty prompt (classifier-free guidance).
     #[arg(long, default_value_t = TrainConfig::default().caption_dropout)]
     caption_dropout: f64,
+    /// Cap of the loss weight min(1/SNR, cap) that makes the epsilon loss an x0 error.
+    #[arg(long, default_value_t = TrainConfig::default().x0_weight_cap)]
+    x0_weight_cap: f64,
+    /// Share of training timesteps drawn uniformly; the rest in proportion to their loss
+    /// weight (1 = uniform).
+    #[arg(long, default_value_t = TrainConfig::default().timestep_uniform_share)]
+    timestep_uniform_share: f64,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -68,6 +75,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         anyhow::bail!(
             "--caption-dropout must be in [0, 1), got {}",
             args.caption_dropout
+        );
+    }
+    if args.x0_weight_cap.is_nan() || args.x0_weight_cap <= 0.0 {
+        anyhow::bail!(
+            "--x0-weight-cap must be positive, got {}",
+            args.x0_weight_cap
+        );
+    }
+    if !(0.0..=1.0).contains(&args.timestep_uniform_share) {
+        anyhow::bail!(
+            "--timestep-uniform-share must be in [0, 1], got {}",
+            args.timestep_uniform_share
         );
     }
     for (name, value) in [
@@ -89,6 +108,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         diffusion_lr: args.diffusion_lr,
         pool_size: args.pool_size,
         caption_dropout: args.caption_dropout,
+        x0_weight_cap: args.x0_weight_cap,
+        timestep_uniform_share: args.timestep_uniform_share,
         ..TrainConfig::default()
     };
     let checkpoints = args.checkpoints.unwrap_or_else(|| {

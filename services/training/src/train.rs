@@ -6,7 +6,8 @@
 //! 2. **Diffusion**: the images are encoded once into a pool of latent distributions; each
 //!    step samples latents, adds noise at random timesteps under the model's schedule (forward
 //!    diffusion) and trains the U-Net to predict that noise (epsilon loss, weighted so that
-//!    the noisiest timesteps, where the layout is decided, count), conditioned through
+//!    the noisiest timesteps, where the layout is decided, count; timesteps are drawn partly
+//!    in proportion to that weight, see `NoiseSchedule::timestep_sampler`), conditioned through
 //!    cross-attention on the CLIP text transformer's hidden states, which train jointly. A
 //!    fraction of captions is replaced by the empty prompt so the model also learns the
 //!    unconditional prediction that classifier-free guidance needs.
@@ -47,6 +48,11 @@ pub struct TrainConfig {
     pub pool_size: usize,
     /// Fraction of captions replaced by the empty prompt (for classifier-free guidance).
     pub caption_dropout: f64,
+    /// Cap of the x0-space weighting of the epsilon loss (see `NoiseSchedule::x0_weights`).
+    pub x0_weight_cap: f64,
+    /// Share of uniformly drawn timesteps; the rest are drawn in proportion to their loss
+    /// weight (see `NoiseSchedule::timestep_sampler`). 1 is plain uniform sampling.
+    pub timestep_uniform_share: f64,
     /// Upper bound of the EMA decay of the exported U-Net and text encoder weights.
     pub ema_decay: f64,
     #[serde(skip)]
@@ -60,11 +66,13 @@ impl Default for TrainConfig {
             vae_steps: 800,
             vae_batch: 16,
             vae_lr: 1e-3,
-            diffusion_steps: 5000,
+            diffusion_steps: 10_000,
             diffusion_batch: 32,
             diffusion_lr: 1e-3,
             pool_size: 8192,
             caption_dropout: 0.1,
+            x0_weight_cap: 20.0,
+            timestep_uniform_share: 0.5,
             ema_decay: 0.999,
             arch: Architecture::default(),
         }
@@ -128,8 +136,6 @@ const CHECKPOINT_EVERY: usize = 250;
 const GRAD_CLIP: f64 = 1.0;
 /// Weight of the KL term relative to the summed squared reconstruction error (LDM's kl-f4).
 const KL_WEIGHT: f64 = 1e-6;
-/// Cap of the x0-space weighting of the epsilon loss (see `NoiseSchedule::x0_weights`).
-const X0_WEIGHT_CAP: f64 = 20.0;
 /// Linear learning-rate warm-up, in steps.
 const WARMUP: usize = 100;
 
@@ -450,6 +456,7 @@ fn train_diffusion(
 ) -> anyhow::Result<()> {
     let device = models.unet.device();
     let schedule = NoiseSchedule::scaled_linear(0.00085, 0.012, 1000, device);
+    let sampler = schedule.timestep_sampler(config.x0_weight_cap, config.timestep_uniform_share);
     let adamw = nn::AdamW {
         wd: 0.01,
         ..Default::default()
@@ -495,7 +502,7 @@ fn train_diffusion(
             .ids
             .index_select(0, &idx)
             .where_self(&drop.logical_not(), &pool.empty_ids.unsqueeze(0));
-        let timesteps = Tensor::randint(schedule.steps(), [b], (Kind::Int64, device));
+        let (timesteps, weights) = sampler.sample(b);
         let noise = latents.randn_like();
         let noisy = schedule.add_noise(&latents, &noise, &timesteps);
         let context = models.text.forward_train(&ids)?;
@@ -504,7 +511,7 @@ fn train_diffusion(
             (predicted - noise)
                 .square()
                 .mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
-        let loss = (per_sample * schedule.x0_weights(&timesteps, X0_WEIGHT_CAP)).mean(Kind::Float);
+        let loss = (per_sample * weights).mean(Kind::Float);
         let lr = learning_rate(config.diffusion_lr, step, total);
         opt_unet.set_lr(lr);
         opt_text.set_lr(lr);
