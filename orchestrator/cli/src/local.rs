@@ -95,12 +95,7 @@ impl Cluster {
             ),
             (
                 "vae",
-                tokio::spawn(sd_vae::run(
-                    stage,
-                    stage_batch,
-                    vae,
-                    stopped(rx.clone()),
-                )),
+                tokio::spawn(sd_vae::run(stage, stage_batch, vae, stopped(rx.clone()))),
             ),
             (
                 "orchestrator",
