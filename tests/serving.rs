@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use sd_e2e::{Service, tiny_model};
+use sd_e2e::{Service, start_orchestrator, start_stage, tiny_model};
 use sd_proto::{
     stage::{
         DataType, DecodeRequest, DenoiseRequest, EncodeRequest, Tensor,
@@ -29,33 +29,14 @@ fn request(seed: u64, steps: u32) -> GenerateRequest {
     }
 }
 
+/// A stage of the sd1 tiny model, SERVING.
 async fn stage(binary: &str, extra: &[&str]) -> Service {
-    let model = tiny_model("sd1");
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        model.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let mut s = Service::start(binary, &args);
-    s.wait_serving(Duration::from_secs(120)).await;
-    s
+    start_stage(binary, &tiny_model("sd1"), extra).await
 }
 
+/// An orchestrator over the given stages, SERVING.
 async fn orchestrator(te: &str, dn: &str, vae: &str, extra: &[&str]) -> Service {
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--text-encoder",
-        te,
-        "--denoiser",
-        dn,
-        "--vae",
-        vae,
-    ];
-    args.extend_from_slice(extra);
-    let mut s = Service::start("sd-orchestrator", &args);
+    let mut s = start_orchestrator(te, dn, vae, extra);
     s.wait_serving(Duration::from_secs(120)).await;
     s
 }
@@ -551,11 +532,12 @@ async fn images_are_identical_with_the_context_cache_on_and_off() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn context_misses_from_evictions_and_replica_changes_are_recovered() {
-    let te = stage("sd-text-encoder", &[]).await;
     // Room for one tiny-model context (2x77x32 f32 = 19712 bytes): concurrent generations
-    // evict each other's contexts, and steps that move between the replicas miss too. Step
-    // batching is off so that every forward has the same shape as the reference's (a batched
-    // forward may round differently from a lone one, cache or not).
+    // evict each other's contexts, and steps that move between the replicas miss too.
+    // Batching is off in every stage so that every forward has the same shape as the
+    // reference's (a batched forward may round differently from a lone one, cache or not).
+    let unbatched = ["--max-batch", "1"];
+    let te = stage("sd-text-encoder", &unbatched).await;
     let tiny = ["--context-cache-bytes", "20000", "--max-batch", "1"];
     let d1 = stage("sd-denoiser", &tiny).await;
     let d2 = stage("sd-denoiser", &tiny).await;
@@ -564,7 +546,7 @@ async fn context_misses_from_evictions_and_replica_changes_are_recovered() {
         &["--context-cache-bytes", "0", "--max-batch", "1"],
     )
     .await;
-    let vae = stage("sd-vae", &[]).await;
+    let vae = stage("sd-vae", &unbatched).await;
     let orch = orchestrator(
         &te.url(),
         &format!("{},{}", d1.url(), d2.url()),
