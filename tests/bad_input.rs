@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use sd_e2e::{Cluster, Service, bin, tiny_model};
+use sd_e2e::{Cluster, Service, bin, copy_dir, tiny_model};
 use sd_proto::{
     stage::{
         DataType, DecodeRequest, DenoiseRequest, Tensor,
@@ -360,19 +360,6 @@ fn failing_start(binary: &str, model: &Path) -> String {
         "{binary} started on a broken model folder"
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 #[test]

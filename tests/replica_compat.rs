@@ -7,7 +7,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use sd_e2e::{Service, tiny_model};
+use sd_e2e::{
+    Service, copy_dir, scrape_metrics, start_orchestrator as orchestrator, start_stage as stage,
+    tiny_model,
+};
 use sd_proto::{
     stage::{
         DataType, DenoiseRequest, DenoiserServiceInfoRequest, Tensor,
@@ -32,48 +35,6 @@ fn request(seed: u64) -> GenerateRequest {
         steps: Some(3),
         seed: Some(seed),
         ..Default::default()
-    }
-}
-
-async fn stage(binary: &str, model: &Path, extra: &[&str]) -> Service {
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        model.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let mut s = Service::start(binary, &args);
-    s.wait_serving(Duration::from_secs(120)).await;
-    s
-}
-
-/// Starts an orchestrator without waiting for it to serve (it may refuse to).
-fn orchestrator(te: &str, dn: &str, vae: &str, extra: &[&str]) -> Service {
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--text-encoder",
-        te,
-        "--denoiser",
-        dn,
-        "--vae",
-        vae,
-    ];
-    args.extend_from_slice(extra);
-    Service::start("sd-orchestrator", &args)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
     }
 }
 
@@ -134,19 +95,8 @@ async fn wait_for_log(service: &Service, needle: &str, timeout: Duration) {
 
 /// Denoise calls a stage served, from its Prometheus metrics (0 when none yet).
 async fn denoise_calls(service: &Service) -> f64 {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let addr = service.metrics_addr().expect("no `metrics on` line");
-    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let body = scrape_metrics(&addr).await;
     body.lines()
         .find(|l| {
             l.starts_with("rpc_server_call_duration_seconds_count{")

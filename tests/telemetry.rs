@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, KeyValue, any_value::Value},
     trace::v1::{Span, span::SpanKind},
 };
-use sd_e2e::{Cluster, tiny_model};
+use sd_e2e::{Cluster, scrape_metrics, tiny_model};
 use sd_proto::v1::GenerateRequest;
 use std::{
     collections::HashMap,
@@ -449,23 +449,6 @@ async fn without_traceparent_the_orchestrator_starts_the_trace() {
     }
 }
 
-/// Fetches `http://ADDR/metrics` with a bare HTTP/1.1 GET.
-async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn denoiser_metrics_count_every_rpc() {
     let receiver = Receiver::default();
@@ -486,7 +469,7 @@ async fn denoiser_metrics_count_every_rpc() {
             service.name
         );
     }
-    let body = scrape(&cluster.denoiser.metrics_addr().unwrap()).await;
+    let body = scrape_metrics(&cluster.denoiser.metrics_addr().unwrap()).await;
     let count_line = body
         .lines()
         .find(|l| {

@@ -805,6 +805,26 @@ pub fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
 mod tests {
     use super::*;
 
+    /// An endpoint file with `contents` in a fresh temporary folder (kept while the first
+    /// value lives).
+    fn endpoint_file(contents: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("denoisers.txt");
+        std::fs::write(&file, contents).unwrap();
+        (dir, file)
+    }
+
+    /// A denoiser stage whose replicas are listed in `file`.
+    async fn denoisers_from(file: &std::path::Path) -> Arc<Stage> {
+        Stage::connect(
+            "denoiser",
+            &format!("file://{}", file.display()),
+            timeouts(),
+        )
+        .await
+        .unwrap()
+    }
+
     fn timeouts() -> Timeouts {
         Timeouts {
             connect: Duration::from_millis(500),
@@ -847,16 +867,8 @@ mod tests {
 
     #[tokio::test]
     async fn endpoint_files_are_re_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("denoisers.txt");
-        std::fs::write(&file, "# replicas\nhttp://127.0.0.1:7001\n").unwrap();
-        let s = Stage::connect(
-            "denoiser",
-            &format!("file://{}", file.display()),
-            timeouts(),
-        )
-        .await
-        .unwrap();
+        let (_dir, file) = endpoint_file("# replicas\nhttp://127.0.0.1:7001\n");
+        let s = denoisers_from(&file).await;
         assert_eq!(s.replicas().len(), 1);
         std::fs::write(&file, "http://127.0.0.1:7001\nhttp://127.0.0.1:7002\n").unwrap();
         s.resolve().await;
@@ -986,16 +998,8 @@ mod tests {
 
     #[tokio::test]
     async fn replicas_added_later_join_only_when_they_serve_the_established_revision() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("denoisers.txt");
-        std::fs::write(&file, "http://127.0.0.1:7001\n").unwrap();
-        let s = Stage::connect(
-            "denoiser",
-            &format!("file://{}", file.display()),
-            timeouts(),
-        )
-        .await
-        .unwrap();
+        let (_dir, file) = endpoint_file("http://127.0.0.1:7001\n");
+        let s = denoisers_from(&file).await;
         let seen = Arc::new(Mutex::new(id("m", "bbbb")));
         let calls = Arc::new(AtomicUsize::new(0));
         s.set_probe(fake_probe(seen.clone(), calls.clone()));

@@ -187,6 +187,70 @@ impl Service {
     }
 }
 
+/// Starts a stage binary on a free port serving `model` (plus `extra` flags) and waits until it
+/// is SERVING.
+pub async fn start_stage(binary: &str, model: &Path, extra: &[&str]) -> Service {
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut s = Service::start(binary, &args);
+    s.wait_serving(Duration::from_secs(120)).await;
+    s
+}
+
+/// Starts an orchestrator on a free port over the given stage addresses (each may be a
+/// comma-separated list), without waiting for it to serve: it may rightly refuse to.
+pub fn start_orchestrator(te: &str, dn: &str, vae: &str, extra: &[&str]) -> Service {
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--text-encoder",
+        te,
+        "--denoiser",
+        dn,
+        "--vae",
+        vae,
+    ];
+    args.extend_from_slice(extra);
+    Service::start("sd-orchestrator", &args)
+}
+
+/// Copies a folder tree (a model folder a test then breaks or retouches).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Fetches `http://ADDR/metrics` (Prometheus text) with a bare HTTP/1.1 GET; the whole
+/// response, headers included, after checking it is a 200.
+pub async fn scrape_metrics(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
