@@ -22,6 +22,9 @@ enum Target {
     /// Throughput and per-stage latency of the whole service (all stages in-process, gRPC on
     /// loopback) at several concurrency levels, batching on and off.
     Serve(crate::bench_serve::ServeArgs),
+    /// The per-step cost of the gRPC split: one guided step through the denoiser stage on
+    /// loopback against the same U-Net called in-process, alternating.
+    Split(crate::bench_split::SplitArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +63,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.target {
         Target::Unet(a) => unet(a),
         Target::Serve(a) => crate::bench_serve::run(a).await,
+        Target::Split(a) => crate::bench_split::run(a).await,
     }
 }
 
@@ -129,7 +133,7 @@ fn unet(a: UnetArgs) -> anyhow::Result<()> {
 }
 
 /// `2^(len(block_out_channels) - 1)` from `vae/config.json`, 8 when the folder has no VAE.
-fn vae_factor(model: &Path) -> anyhow::Result<u32> {
+pub(crate) fn vae_factor(model: &Path) -> anyhow::Result<u32> {
     let path = model.join("vae/config.json");
     if !path.exists() {
         return Ok(8);
@@ -146,7 +150,7 @@ fn vae_factor(model: &Path) -> anyhow::Result<u32> {
 }
 
 /// The CPU's `model name` from /proc/cpuinfo.
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

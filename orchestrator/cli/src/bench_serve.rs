@@ -67,7 +67,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.steps > 0, "--steps must be at least 1");
     println!(
         "machine: {} ({} threads for libtorch)",
-        cpu_model(),
+        crate::bench::cpu_model(),
         tch::get_num_threads()
     );
     println!(
@@ -218,16 +218,4 @@ async fn level(
         latency,
         timings: sum,
     })
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }

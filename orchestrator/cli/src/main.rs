@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_serve;
+mod bench_split;
 mod eval;
 mod generate;
 mod local;

@@ -1,0 +1,387 @@
+//! `sd bench split`: what the gRPC split costs per denoising step, against calling the same
+//! U-Net in-process.
+//!
+//! One process holds two copies of the U-Net: one called directly (as a monolithic pipeline
+//! would: latents in, guided prediction out, the text context already on the device), and one
+//! behind the denoiser stage's gRPC server on loopback, reached through the orchestrator's own
+//! stage client (replica picking, trace propagation, the conditioning cache: the context is
+//! sent with the first step only). Steps alternate between the two, so drift in the machine's
+//! speed hits both alike. Each path's own U-Net time is subtracted from its step time, which
+//! leaves what the path adds around the model; the split's cost is the gRPC path's addition
+//! minus the in-process one's. Subtracting the measured compute keeps the U-Net's run-to-run
+//! noise out of the figure, so a CPU run gives the overhead a GPU host would see, up to the
+//! host-to-device copies of the latent (64 KiB for SD 1.5 at 512x512).
+
+use anyhow::Context;
+use sd_denoiser::{
+    cache::{CacheConfig, ContextCache},
+    model::{Model, Step},
+};
+use sd_models::{
+    device::{DTypeSpec, DeviceSpec},
+    unet_2d_condition::UNet2DConditionModel,
+};
+use sd_orchestrator::stages::{self, Stage, Timeouts};
+use sd_proto::stage::{DenoiseRequest, DenoiserServiceInfoRequest, Tensor as WireTensor};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, clap::Args)]
+pub struct SplitArgs {
+    /// Model folder (diffusers layout; `unet/` and `scheduler/` are read).
+    #[arg(long, env = "SD_MODEL")]
+    model: PathBuf,
+    /// Image side in pixels (the latent is this over the VAE factor; SD 1.5's is 512).
+    #[arg(long, default_value_t = 512)]
+    size: u32,
+    /// Text context length in tokens.
+    #[arg(long, default_value_t = 77)]
+    tokens: i64,
+    /// Classifier-free guidance scale (guided steps run uncond and cond rows together).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f32,
+    /// Untimed step pairs first.
+    #[arg(long, default_value_t = 2)]
+    warmup: u32,
+    /// Timed step pairs (one in-process step and one gRPC step each).
+    #[arg(long, default_value_t = 20)]
+    iters: u32,
+    /// Milliseconds the denoiser waits to batch a step with others (0: a lone step runs at
+    /// once; the stage's default is 5).
+    #[arg(long, default_value_t = 0)]
+    batch_wait_ms: u64,
+    /// GPU step times (ms) to express the overhead against; the defaults are the guided SD 1.5
+    /// U-Net step on an H100 in `shared/GPU.md`: eager, and with CUDA graphs.
+    #[arg(long, value_delimiter = ',', default_value = "25.0,7.6")]
+    gpu_step_ms: Vec<f64>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "SD_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
+    /// f32, f16 or bf16 (half precision needs CUDA).
+    #[arg(long, env = "SD_DTYPE", default_value = "f32")]
+    dtype: DTypeSpec,
+}
+
+/// One timed step: its wall time and the U-Net's share of it (and the denoiser's queue wait).
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    total: f64,
+    unet: f64,
+    queue: f64,
+}
+
+impl Sample {
+    fn around(&self) -> f64 {
+        self.total - self.unet
+    }
+}
+
+pub async fn run(a: SplitArgs) -> anyhow::Result<()> {
+    a.device.check_available().map_err(anyhow::Error::msg)?;
+    a.dtype.check_device(a.device).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(a.iters > 0, "--iters must be at least 1");
+    let f = crate::bench::vae_factor(&a.model)?;
+    anyhow::ensure!(
+        a.size.is_multiple_of(f),
+        "--size must be a multiple of the VAE factor {f}"
+    );
+    let unet_dir = a.model.join("unet");
+    let unet = UNet2DConditionModel::load(&unet_dir, a.device.0, a.dtype.0)
+        .with_context(|| format!("loading {}", unet_dir.display()))?;
+    let c = unet.config();
+    let side = i64::from(a.size / f);
+    let shape = [1, c.in_channels as i64, side, side];
+    let width = c.cross_attention_dim as i64;
+    let local = Model {
+        unet,
+        device: a.device.0,
+        cache: Arc::new(ContextCache::new(CacheConfig {
+            max_bytes: 0,
+            ttl: Duration::ZERO,
+        })),
+    };
+
+    tch::manual_seed(0);
+    let cpu = (Kind::Float, Device::Cpu);
+    let latent: Vec<f32> = Vec::try_from(Tensor::randn([shape.iter().product::<i64>()], cpu))?;
+    let context = Tensor::randn([2, a.tokens, width], cpu);
+    let context_values: Vec<f32> = Vec::try_from(context.flatten(0, -1))?;
+    // The in-process pipeline keeps its context on the device for the whole generation.
+    let device_context = context
+        .to_kind(local.unet.kind())
+        .to_device(a.device.0)
+        .contiguous();
+
+    let (denoiser, _server) = start_denoiser(&a).await?;
+    let context_id = format!("bench-split-{}", std::process::id());
+    let request = |t: f32, with_context: bool| DenoiseRequest {
+        sample: Some(WireTensor::from_f32(&shape, &latent)),
+        timesteps: Some(WireTensor::from_f32(&[1], &[t])),
+        encoder_hidden_states: with_context
+            .then(|| WireTensor::from_f32(&[2, a.tokens, width], &context_values)),
+        guidance_scale: vec![a.guidance],
+        guidance_rescale: vec![],
+        context_id: context_id.clone(),
+    };
+
+    let in_process = |t: f32| -> anyhow::Result<Sample> {
+        let started = Instant::now();
+        let step = Step {
+            sample: Tensor::from_slice(&latent).view(shape),
+            timesteps: Tensor::from_slice(&[t]),
+            context: device_context.shallow_clone(),
+            guidance: Some(Tensor::from_slice(&[a.guidance])),
+            rescale: None,
+            cache_as: None,
+        };
+        let unet_started = Instant::now();
+        let out = local.denoise(std::slice::from_ref(&step))?;
+        let unet = unet_started.elapsed();
+        let values: Vec<f32> = Vec::try_from(out[0].flatten(0, -1))?;
+        anyhow::ensure!(values.len() == latent.len(), "in-process output size");
+        Ok(Sample {
+            total: started.elapsed().as_secs_f64(),
+            unet: unet.as_secs_f64(),
+            queue: 0.0,
+        })
+    };
+    let numel = latent.len();
+    let over_grpc = |t: f32, with_context: bool| {
+        let step = request(t, with_context);
+        let denoiser = denoiser.clone();
+        async move {
+            let started = Instant::now();
+            let (response, _) = denoiser
+                .call("denoise", None, |ch, timeout| {
+                    let step = step.clone();
+                    async move {
+                        stages::denoiser(ch)
+                            .denoise(stages::request(step, timeout))
+                            .await
+                    }
+                })
+                .await?;
+            let values = response
+                .model_output
+                .context("denoiser: response without model_output")?
+                .to_f32_vec("model_output")?;
+            anyhow::ensure!(values.len() == numel, "gRPC output size");
+            anyhow::ensure!(
+                response.context_cached,
+                "the denoiser did not cache the context"
+            );
+            Ok::<_, anyhow::Error>(Sample {
+                total: started.elapsed().as_secs_f64(),
+                unet: response.compute_seconds,
+                queue: response.queue_wait_seconds,
+            })
+        }
+    };
+
+    // The first gRPC step carries the context; every later one names it by id.
+    over_grpc(999.0, true).await?;
+    let (mut local_runs, mut grpc_runs) = (Vec::new(), Vec::new());
+    for i in 0..a.warmup + a.iters {
+        let t = 999.0 - (i % 50) as f32 * 20.0;
+        let l = in_process(t)?;
+        let g = over_grpc(t, false).await?;
+        if i >= a.warmup {
+            local_runs.push(l);
+            grpc_runs.push(g);
+        }
+    }
+    report(&a, &shape, width, &local_runs, &grpc_runs);
+
+    // What an empty call costs, back to back and after the threads sat idle for a U-Net
+    // step: the difference is the host's cost of waking parked threads, which the U-Net's
+    // compute time forces on every step of the split.
+    let idle =
+        Duration::from_secs_f64(Stats::of(grpc_runs.iter().map(|s| s.unet).collect()).median);
+    let busy = empty_calls(&denoiser, Duration::ZERO).await?;
+    let rested = empty_calls(&denoiser, idle).await?;
+    println!(
+        "empty call (Info) round trip: back to back median {:.3} ms (p10 {:.3}, p90 {:.3}); \
+         after {:.1} ms idle median {:.3} ms (p10 {:.3}, p90 {:.3})",
+        busy.median,
+        busy.p10,
+        busy.p90,
+        idle.as_secs_f64() * 1000.0,
+        rested.median,
+        rested.p10,
+        rested.p90
+    );
+    Ok(())
+}
+
+/// One Info call: a round trip with nothing to compute.
+async fn empty_call(denoiser: &Stage) -> Result<(), tonic::Status> {
+    denoiser
+        .call("info", None, |ch, timeout| async move {
+            stages::denoiser(ch)
+                .info(stages::request(DenoiserServiceInfoRequest {}, timeout))
+                .await
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Times 50 Info calls through the stage client, each after `idle`.
+async fn empty_calls(denoiser: &Stage, idle: Duration) -> anyhow::Result<Stats> {
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        if !idle.is_zero() {
+            tokio::time::sleep(idle).await;
+        }
+        let started = Instant::now();
+        empty_call(denoiser).await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(Stats::of(times))
+}
+
+/// Serves the denoiser stage on a loopback port and returns the orchestrator's client for it
+/// once the model is loaded (and the server task, which stops with the process).
+async fn start_denoiser(
+    a: &SplitArgs,
+) -> anyhow::Result<(Arc<Stage>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let stage = sd_runtime::StageArgs {
+        model: a.model.clone(),
+        model_id: None,
+        device: a.device,
+        dtype: a.dtype,
+        max_queue: 64,
+    };
+    let batch = sd_denoiser::BatchArgs {
+        max_batch: 16,
+        batch_wait_ms: a.batch_wait_ms,
+        ..Default::default()
+    };
+    let server = tokio::spawn(sd_denoiser::run(
+        stage,
+        batch,
+        listener,
+        std::future::pending(),
+    ));
+    let client = Stage::connect(
+        "denoiser",
+        &url,
+        Timeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(600),
+            resolve_interval: Duration::from_secs(3600),
+        },
+    )
+    .await?;
+    let started = Instant::now();
+    loop {
+        match empty_call(&client).await {
+            Ok(()) => return Ok((client, server)),
+            Err(e) if started.elapsed() > Duration::from_secs(600) => {
+                anyhow::bail!("the denoiser did not come up: {e}")
+            }
+            Err(_) if server.is_finished() => {
+                return Err(server
+                    .await?
+                    .err()
+                    .unwrap_or_else(|| anyhow::anyhow!("the denoiser stopped before serving")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn report(a: &SplitArgs, shape: &[i64; 4], width: i64, local: &[Sample], grpc: &[Sample]) {
+    let ms = |xs: Vec<f64>| Stats::of(xs.into_iter().map(|x| x * 1000.0).collect());
+    println!(
+        "machine: {} ({} threads for libtorch), {} {}",
+        crate::bench::cpu_model(),
+        tch::get_num_threads(),
+        a.device,
+        a.dtype
+    );
+    println!(
+        "guided step: latent {shape:?} f32 ({} KiB each way), context [2, {}, {width}] cached \
+         on the denoiser after the first step; {} step pairs after {} warm-up, denoiser batch \
+         wait {} ms",
+        shape.iter().product::<i64>() * 4 / 1024,
+        a.tokens,
+        a.iters,
+        a.warmup,
+        a.batch_wait_ms
+    );
+    println!(
+        "{:<34} {:>9} {:>9} {:>9}",
+        "ms per step", "median", "p10", "p90"
+    );
+    let rows = [
+        (
+            "in-process: step",
+            ms(local.iter().map(|s| s.total).collect()),
+        ),
+        (
+            "in-process: U-Net",
+            ms(local.iter().map(|s| s.unet).collect()),
+        ),
+        (
+            "in-process: around the U-Net",
+            ms(local.iter().map(Sample::around).collect()),
+        ),
+        ("gRPC: step", ms(grpc.iter().map(|s| s.total).collect())),
+        (
+            "gRPC: U-Net (denoiser's compute)",
+            ms(grpc.iter().map(|s| s.unet).collect()),
+        ),
+        (
+            "gRPC: denoiser queue",
+            ms(grpc.iter().map(|s| s.queue).collect()),
+        ),
+        (
+            "gRPC: around the U-Net",
+            ms(grpc.iter().map(Sample::around).collect()),
+        ),
+    ];
+    for (name, s) in &rows {
+        println!("{name:<34} {:>9.3} {:>9.3} {:>9.3}", s.median, s.p10, s.p90);
+    }
+    let split = ms(local
+        .iter()
+        .zip(grpc)
+        .map(|(l, g)| g.around() - l.around())
+        .collect());
+    println!(
+        "split cost per step (gRPC around - in-process around, per pair): median {:.3} ms \
+         (p10 {:.3}, p90 {:.3})",
+        split.median, split.p10, split.p90
+    );
+    for step in &a.gpu_step_ms {
+        println!(
+            "  = {:.2}% of a {step} ms GPU step",
+            100.0 * split.median / step
+        );
+    }
+}
+
+/// Median and 10th/90th percentiles (nearest rank).
+struct Stats {
+    median: f64,
+    p10: f64,
+    p90: f64,
+}
+
+impl Stats {
+    fn of(mut xs: Vec<f64>) -> Self {
+        xs.sort_by(f64::total_cmp);
+        let at = |q: f64| xs[((xs.len() - 1) as f64 * q).round() as usize];
+        Self {
+            median: at(0.5),
+            p10: at(0.1),
+            p90: at(0.9),
+        }
+    }
+}
