@@ -1,4 +1,5 @@
-//! `sd generate --local`: every stage in one process, on loopback ports, torn down after.
+//! `sd`'s in-process commands: `generate --local` (every stage in one process, on loopback
+//! ports, torn down after) and `bench split` (the same U-Net in-process and over gRPC).
 
 #![allow(clippy::unwrap_used)]
 
@@ -41,4 +42,57 @@ fn local_generate_reports_a_broken_model_folder() {
         stderr.contains("config.json") || stderr.contains("tokenizer"),
         "{stderr}"
     );
+}
+
+/// Reads the number after `label` on the line that starts with it.
+fn figure(stdout: &str, label: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} line in:\n{stdout}"));
+    line[label.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no figure after {label:?}: {line}"))
+}
+
+#[test]
+fn bench_split_times_both_paths_and_the_difference() {
+    let run = Command::new(bin("sd"))
+        .args([
+            "bench", "split", "--size", "64", "--iters", "3", "--warmup", "1", "--model",
+        ])
+        .arg(tiny_model("sd1"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("latent [1, 4, 8, 8]"), "{stdout}");
+    let (grpc_step, grpc_unet) = (
+        figure(&stdout, "gRPC: step"),
+        figure(&stdout, "gRPC: U-Net (denoiser's compute)"),
+    );
+    assert!(grpc_unet > 0.0 && grpc_step > grpc_unet, "{stdout}");
+    assert!(figure(&stdout, "in-process: U-Net") > 0.0, "{stdout}");
+    assert!(
+        stdout.contains("split cost per step") && stdout.contains("% of a 25 ms GPU step"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bench_split_refuses_a_size_off_the_latent_grid() {
+    let run = Command::new(bin("sd"))
+        .args(["bench", "split", "--size", "60", "--model"])
+        .arg(tiny_model("sd1"))
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("--size must be a multiple"), "{stderr}");
 }
