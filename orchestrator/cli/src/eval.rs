@@ -1,7 +1,7 @@
-//! `sd eval`: generates an image for every held-out prompt of the shapes dataset (colour,
-//! shape and background combinations the model never saw in training) through the full
-//! gRPC pipeline, reads each back with the dataset's pixel classifier, and prints the
-//! accuracy per attribute for each guidance scale. `--split seen` scores prompts of the same
+//! `sd eval`: generates images for every held-out prompt of the shapes dataset (colour,
+//! shape and background combinations the model never saw in training), five per prompt from
+//! their own seeds by default, through the full gRPC pipeline, reads each back with the
+//! dataset's pixel classifier, and prints the accuracy per attribute for each guidance scale. `--split seen` scores prompts of the same
 //! make whose combinations *were* in the training data, to separate drawing from generalising.
 
 use crate::local;
@@ -21,12 +21,20 @@ pub struct EvalArgs {
     /// Guidance scales to compare.
     #[arg(long, value_delimiter = ',', default_values_t = [1.0f32, 7.5])]
     guidance: Vec<f32>,
+    /// Guidance rescale (Lin et al. 2023, diffusers' `guidance_rescale`) applied at every
+    /// guidance scale above 1; 0 turns it off.
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f32,
     /// Denoising steps per image.
     #[arg(long, default_value_t = 20)]
     steps: u32,
-    /// Seed of the first prompt's noise; prompt i uses seed + i.
+    /// Seed of the first image's noise; image k (prompt k mod N of N, in rounds) uses seed + k.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Images per prompt, each from its own seed. With one, a single prompt moves an accuracy
+    /// by 2.3 points on the 44 held-out prompts; five bring that to 0.45.
+    #[arg(long, default_value_t = 5)]
+    images_per_prompt: usize,
     /// Which prompts: combinations held out of training, or ones seen in training.
     #[arg(long, value_enum, default_value_t = Split::HeldOut)]
     split: Split,
@@ -65,6 +73,19 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     if let Some(n) = args.limit {
         prompts.truncate(n);
     }
+    anyhow::ensure!(
+        args.images_per_prompt > 0,
+        "--images-per-prompt must be at least 1"
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.guidance_rescale),
+        "--guidance-rescale must be within [0, 1]"
+    );
+    // Round r repeats every prompt with the next seeds: prompt i of round r is image
+    // r * N + i, so one image per prompt is exactly the earlier single-seed evaluation.
+    let prompts: Vec<_> = (0..args.images_per_prompt)
+        .flat_map(|_| prompts.iter().cloned())
+        .collect();
     let cluster = local::Cluster::start(&model, &args.device, "f32").await?;
     let outcome = evaluate(&args, &cluster.orchestrator_url(), &prompts).await;
     cluster.stop().await;
@@ -77,13 +98,15 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Object(object));
     } else {
         println!(
-            "{} {} prompts, {} steps, seeds {}..{}, model {}",
-            prompts.len(),
+            "{} {} prompts x {} image(s), {} steps, guidance rescale {}, seeds {}..{}, model {}",
+            prompts.len() / args.images_per_prompt,
             match args.split {
                 Split::HeldOut => "held-out",
                 Split::Seen => "seen",
             },
+            args.images_per_prompt,
             args.steps,
+            args.guidance_rescale,
             args.seed,
             args.seed + prompts.len() as u64,
             model.display()
@@ -117,6 +140,8 @@ async fn evaluate(
                     prompt: prompt.prompt.clone(),
                     steps: Some(args.steps),
                     guidance_scale: Some(guidance),
+                    guidance_rescale: (guidance > 1.0 && args.guidance_rescale > 0.0)
+                        .then_some(args.guidance_rescale),
                     seed: Some(args.seed + i as u64),
                     num_images: Some(1),
                     output_format: OutputFormat::Png as i32,
