@@ -495,6 +495,27 @@ async fn denoiser_metrics_count_every_rpc() {
         body.contains("service_name=\"sd-denoiser\""),
         "target_info names the service:\n{body}"
     );
+    // The conditioning cache: the first step sends and caches the context, the others hit.
+    let hits = sample(&body, "sd_context_cache_lookups_total{", "result=\"hit\"");
+    assert_eq!(hits, f64::from(STEPS - 1), "cache hits:\n{body}");
+    let misses = sample(&body, "sd_context_cache_lookups_total{", "result=\"miss\"");
+    assert_eq!(misses, 0.0, "cache misses:\n{body}");
+    assert_eq!(sample(&body, "sd_context_cache_inserts_total ", ""), 1.0);
+    assert_eq!(sample(&body, "sd_context_cache_entries ", ""), 1.0);
+    // Guided: [2, 77, 32] f32 for the tiny model.
+    assert_eq!(
+        sample(&body, "sd_context_cache_size_bytes ", ""),
+        (2 * 77 * 32 * 4) as f64
+    );
+}
+
+/// The value of the first sample whose line starts with `prefix` and contains `label`.
+fn sample(body: &str, prefix: &str, label: &str) -> f64 {
+    let line = body
+        .lines()
+        .find(|l| l.starts_with(prefix) && l.contains(label))
+        .unwrap_or_else(|| panic!("no {prefix}..{label} sample in /metrics:\n{body}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

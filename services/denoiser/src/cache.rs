@@ -95,21 +95,8 @@ impl Inner {
     }
 }
 
-/// Counters since start (monotonic) and the current size.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CacheStats {
-    pub hits: u64,
-    pub misses: u64,
-    pub inserts: u64,
-    /// Entries evicted to stay within the byte budget.
-    pub evictions: u64,
-    /// Entries dropped for being unused longer than the time-to-live.
-    pub expirations: u64,
-    /// Contexts not cached because they alone exceed the budget.
-    pub oversize: u64,
-    pub entries: u64,
-    pub bytes: u64,
-}
+/// Counters since start (monotonic) and the current size; the type the metrics report.
+pub use sd_server::telemetry::metrics::ContextCacheReading as CacheStats;
 
 /// The cache. Shared by the gRPC handlers (lookups) and the model thread (inserts).
 pub struct ContextCache {

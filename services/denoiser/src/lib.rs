@@ -352,6 +352,11 @@ pub async fn run(
         ttl: std::time::Duration::from_secs(batch.context_cache_ttl_secs),
     }));
     let model_cache = cache.clone();
+    // Weak: the instruments outlive this stage when several run in one process (`sd bench`).
+    let observed = Arc::downgrade(&cache);
+    sd_server::telemetry::metrics::observe_context_cache(move || {
+        observed.upgrade().map(|cache| cache.stats())
+    });
     let load = move || {
         let unet = UNet2DConditionModel::load(
             &load_args.model.join("unet"),

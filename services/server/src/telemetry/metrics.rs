@@ -10,7 +10,7 @@ use opentelemetry::{
     KeyValue,
     metrics::{Counter, Histogram, UpDownCounter},
 };
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 /// Histogram buckets for durations in seconds: 0.5 ms (a loopback round trip) to 2 min (a
 /// long generation on a CPU).
@@ -163,6 +163,112 @@ impl Drop for Gauged {
     fn drop(&mut self) {
         self.counter.add(-1, &self.attrs);
     }
+}
+
+/// One reading of the denoiser's conditioning cache: counters since start, and its size now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContextCacheReading {
+    pub hits: u64,
+    pub misses: u64,
+    pub inserts: u64,
+    /// Entries dropped to stay within the byte budget.
+    pub evictions: u64,
+    /// Entries dropped after going unused for the time-to-live.
+    pub expirations: u64,
+    /// Contexts not cached because they alone exceed the budget.
+    pub oversize: u64,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// The samples one counter reports from a reading: each value with its attribute, if any.
+type Samples = fn(&ContextCacheReading) -> Vec<(u64, Option<KeyValue>)>;
+
+/// Reports the denoiser's conditioning cache, read through `read` at every collection:
+/// `sd.context_cache.lookups` (`result` = `hit` or `miss`: a miss costs the caller a second
+/// round trip with the context), `sd.context_cache.inserts`, `sd.context_cache.removals`
+/// (`reason` = `evicted` or `expired`), `sd.context_cache.refused` (contexts over the whole
+/// budget), and the gauges `sd.context_cache.entries` and `sd.context_cache.size` (bytes).
+/// Once `read` returns `None` (the cache is gone) nothing more is reported.
+pub fn observe_context_cache(
+    read: impl Fn() -> Option<ContextCacheReading> + Send + Sync + 'static,
+) {
+    let m = meter();
+    let read = Arc::new(read);
+    let counter =
+        |name: &'static str, unit: &'static str, description: &'static str, values: Samples| {
+            let read = read.clone();
+            m.u64_observable_counter(name)
+                .with_unit(unit)
+                .with_description(description)
+                .with_callback(move |observer| {
+                    for (value, attr) in read().as_ref().map(values).unwrap_or_default() {
+                        observer.observe(value, attr.as_slice());
+                    }
+                })
+                .build();
+        };
+    counter(
+        "sd.context_cache.lookups",
+        "{lookup}",
+        "Steps that named a cached context, by result (hit, miss)",
+        |r| {
+            vec![
+                (r.hits, Some(KeyValue::new("result", "hit"))),
+                (r.misses, Some(KeyValue::new("result", "miss"))),
+            ]
+        },
+    );
+    counter(
+        "sd.context_cache.inserts",
+        "{context}",
+        "Contexts cached",
+        |r| vec![(r.inserts, None)],
+    );
+    counter(
+        "sd.context_cache.removals",
+        "{context}",
+        "Contexts dropped, by reason (evicted for space, expired unused)",
+        |r| {
+            vec![
+                (r.evictions, Some(KeyValue::new("reason", "evicted"))),
+                (r.expirations, Some(KeyValue::new("reason", "expired"))),
+            ]
+        },
+    );
+    counter(
+        "sd.context_cache.refused",
+        "{context}",
+        "Contexts not cached because one alone exceeds the byte budget",
+        |r| vec![(r.oversize, None)],
+    );
+    let gauge = |name: &'static str,
+                 unit: &'static str,
+                 description: &'static str,
+                 value: fn(&ContextCacheReading) -> u64| {
+        let read = read.clone();
+        m.u64_observable_gauge(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |observer| {
+                if let Some(reading) = read() {
+                    observer.observe(value(&reading), &[]);
+                }
+            })
+            .build();
+    };
+    gauge(
+        "sd.context_cache.entries",
+        "{context}",
+        "Contexts held",
+        |r| r.entries,
+    );
+    gauge(
+        "sd.context_cache.size",
+        "By",
+        "Device bytes the held contexts occupy",
+        |r| r.bytes,
+    );
 }
 
 /// Metrics of the orchestrator: generations and the calls it makes to each stage.
