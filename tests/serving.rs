@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use sd_e2e::{Service, start_orchestrator, start_stage, tiny_model};
+use sd_e2e::{Service, metric_sample, scrape_metrics, start_orchestrator, start_stage, tiny_model};
 use sd_proto::{
     stage::{
         DataType, DecodeRequest, DenoiseRequest, EncodeRequest, Tensor,
@@ -355,6 +355,44 @@ async fn a_flood_beyond_the_limit_is_refused_while_admitted_requests_complete() 
         }
     }
     assert!(ok >= 2 && refused >= 1, "ok {ok}, refused {refused}");
+}
+
+/// With two idle denoiser replicas, each generation's later steps go to the replica that
+/// cached its context at the first step (the balancer prefers it while it is no busier), so
+/// no step costs a context miss and each context is cached once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generation_keeps_to_the_replica_holding_its_context() {
+    const GENERATIONS: u32 = 3;
+    const STEPS: u32 = 8;
+    let te = stage("sd-text-encoder", &[]).await;
+    let metrics = ["--metrics-listen", "127.0.0.1:0"];
+    let d1 = stage("sd-denoiser", &metrics).await;
+    let d2 = stage("sd-denoiser", &metrics).await;
+    let vae = stage("sd-vae", &[]).await;
+    let denoisers = format!("{},{}", d1.url(), d2.url());
+    let orch = orchestrator(&te.url(), &denoisers, &vae.url(), &[]).await;
+    let mut client = sd_e2e::client(&orch.url()).await;
+    for seed in 0..GENERATIONS {
+        client
+            .generate(request(u64::from(seed), STEPS))
+            .await
+            .unwrap();
+    }
+    let (mut hits, mut misses, mut inserts) = (0.0, 0.0, 0.0);
+    for d in [&d1, &d2] {
+        let body = scrape_metrics(&d.metrics_addr().unwrap()).await;
+        let lookups = "sd_context_cache_lookups_total{";
+        hits += metric_sample(&body, lookups, "result=\"hit\"");
+        misses += metric_sample(&body, lookups, "result=\"miss\"");
+        inserts += metric_sample(&body, "sd_context_cache_inserts_total ", "");
+    }
+    assert_eq!(misses, 0.0, "steps moved away from their context");
+    assert_eq!(
+        inserts,
+        f64::from(GENERATIONS),
+        "one cached context per generation"
+    );
+    assert_eq!(hits, f64::from(GENERATIONS * (STEPS - 1)));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, KeyValue, any_value::Value},
     trace::v1::{Span, span::SpanKind},
 };
-use sd_e2e::{Cluster, scrape_metrics, tiny_model};
+use sd_e2e::{Cluster, metric_sample, scrape_metrics, tiny_model};
 use sd_proto::v1::GenerateRequest;
 use std::{
     collections::HashMap,
@@ -496,26 +496,20 @@ async fn denoiser_metrics_count_every_rpc() {
         "target_info names the service:\n{body}"
     );
     // The conditioning cache: the first step sends and caches the context, the others hit.
-    let hits = sample(&body, "sd_context_cache_lookups_total{", "result=\"hit\"");
+    let hits = metric_sample(&body, "sd_context_cache_lookups_total{", "result=\"hit\"");
     assert_eq!(hits, f64::from(STEPS - 1), "cache hits:\n{body}");
-    let misses = sample(&body, "sd_context_cache_lookups_total{", "result=\"miss\"");
+    let misses = metric_sample(&body, "sd_context_cache_lookups_total{", "result=\"miss\"");
     assert_eq!(misses, 0.0, "cache misses:\n{body}");
-    assert_eq!(sample(&body, "sd_context_cache_inserts_total ", ""), 1.0);
-    assert_eq!(sample(&body, "sd_context_cache_entries ", ""), 1.0);
+    assert_eq!(
+        metric_sample(&body, "sd_context_cache_inserts_total ", ""),
+        1.0
+    );
+    assert_eq!(metric_sample(&body, "sd_context_cache_entries ", ""), 1.0);
     // Guided: [2, 77, 32] f32 for the tiny model.
     assert_eq!(
-        sample(&body, "sd_context_cache_size_bytes ", ""),
+        metric_sample(&body, "sd_context_cache_size_bytes ", ""),
         (2 * 77 * 32 * 4) as f64
     );
-}
-
-/// The value of the first sample whose line starts with `prefix` and contains `label`.
-fn sample(body: &str, prefix: &str, label: &str) -> f64 {
-    let line = body
-        .lines()
-        .find(|l| l.starts_with(prefix) && l.contains(label))
-        .unwrap_or_else(|| panic!("no {prefix}..{label} sample in /metrics:\n{body}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

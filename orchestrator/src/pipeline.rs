@@ -327,8 +327,11 @@ impl Pipeline {
         let (mut queue_wait, mut compute) = (0.0, 0.0);
         // Names this generation's context in the denoisers' conditioning caches.
         let context_id = format!("{:032x}", rand::random::<u128>());
-        // Whether the replica that served the last step said it cached the context.
+        // Whether the replica that served the last step said it cached the context, and which
+        // replica that was: later steps prefer it while it is no busier than the others, so
+        // they find the context there instead of costing a miss on another replica.
         let mut cached = false;
+        let mut last_replica: Option<String> = None;
         for (i, &t) in timesteps.iter().enumerate() {
             let input = scheduler.scale_model_input(&latents, i);
             let step = DenoiseRequest {
@@ -352,12 +355,16 @@ impl Pipeline {
             );
             let (response, replica) = self
                 .denoiser
-                .call("denoise", deadline, |ch, timeout| {
-                    denoise_step(ch, &step, bare.as_ref(), timeout)
-                })
+                .call_preferring(
+                    "denoise",
+                    deadline,
+                    last_replica.as_deref(),
+                    |ch, timeout| denoise_step(ch, &step, bare.as_ref(), timeout),
+                )
                 .instrument(span.clone())
                 .await?;
             span.record("replica", replica.as_str());
+            last_replica = Some(replica);
             span.record("batch_rows", response.batch_rows);
             cached = response.context_cached;
             queue_wait += response.queue_wait_seconds;

@@ -8,7 +8,9 @@
 //! would pin all traffic to one replica.
 //!
 //! Calls go to the less busy of two random healthy replicas (power of two choices on
-//! outstanding calls). A replica that fails with UNAVAILABLE is marked unhealthy and skipped
+//! outstanding calls). A caller may name a preferred replica (a generation's denoising steps
+//! name the one that served its previous step, where its text context is cached); it gets the
+//! call while it is no busier than that choice. A replica that fails with UNAVAILABLE is marked unhealthy and skipped
 //! until it answers a gRPC health check with SERVING; the call is retried on another replica
 //! within the request's deadline, as long as the retry budget allows (retries are at most a
 //! fraction of successful calls, so a dead cluster does not cause a retry storm).
@@ -566,9 +568,12 @@ impl Stage {
         }
     }
 
-    /// Picks a verified replica not in `tried`: the less busy of two random healthy ones;
-    /// unhealthy ones only when no healthy one is left.
-    fn pick(&self, tried: &[String]) -> Option<Arc<Replica>> {
+    /// A replica for the next call: power of two choices by outstanding calls among the
+    /// healthy, verified replicas not yet tried (all verified ones when none is healthy).
+    /// `prefer` (the replica that served the caller's previous call) wins when it is in that
+    /// pool and no busier than the choice: a generation's steps stay where its context is
+    /// cached, but move as soon as another replica is less loaded.
+    fn pick(&self, tried: &[String], prefer: Option<&str>) -> Option<Arc<Replica>> {
         let replicas = self.read();
         let fresh: Vec<&Arc<Replica>> = replicas
             .iter()
@@ -580,30 +585,49 @@ impl Stage {
             .filter(|r| r.healthy.load(Ordering::Relaxed))
             .collect();
         let pool = if healthy.is_empty() { fresh } else { healthy };
-        match pool.len() {
-            0 => None,
-            1 => Some(pool[0].clone()),
+        let load = |r: &Replica| r.outstanding.load(Ordering::Relaxed);
+        let chosen = match pool.len() {
+            0 => return None,
+            1 => pool[0],
             n => {
                 let a = rand::random_range(0..n);
                 let b = (a + rand::random_range(1..n)) % n;
                 let (ra, rb) = (pool[a], pool[b]);
-                let load = |r: &Replica| r.outstanding.load(Ordering::Relaxed);
-                Some(if load(rb) < load(ra) {
-                    rb.clone()
-                } else {
-                    ra.clone()
-                })
+                if load(rb) < load(ra) { rb } else { ra }
             }
-        }
+        };
+        let preferred = prefer.and_then(|address| pool.iter().find(|r| r.address == address));
+        Some(match preferred {
+            Some(p) if load(p) <= load(chosen) => (*p).clone(),
+            _ => chosen.clone(),
+        })
     }
 
     /// Calls `f(channel, timeout)` on a replica, failing over to others on UNAVAILABLE within
     /// `deadline`. `timeout` is what the call may take (the stage timeout, or less when the
-    /// deadline is nearer). Errors become statuses that name the stage and replica.
+    /// deadline is nearer). Errors become statuses that name the stage and replica. Returns
+    /// the response and the address of the replica that gave it.
     pub async fn call<T, F, Fut>(
         &self,
         what: &'static str,
         deadline: Option<Instant>,
+        f: F,
+    ) -> Result<(T, String), Status>
+    where
+        F: Fn(Traced, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_preferring(what, deadline, None, f).await
+    }
+
+    /// [`Stage::call`], preferring the replica at address `prefer` while it is healthy and
+    /// no busier than the balancer's choice (see [`Stage::pick`]). A preference, not a
+    /// session: failover and balancing work as for any call.
+    pub async fn call_preferring<T, F, Fut>(
+        &self,
+        what: &'static str,
+        deadline: Option<Instant>,
+        prefer: Option<&str>,
         f: F,
     ) -> Result<(T, String), Status>
     where
@@ -624,7 +648,7 @@ impl Stage {
                 },
                 None => self.timeouts.request,
             };
-            let Some(replica) = self.pick(&tried) else {
+            let Some(replica) = self.pick(&tried, prefer) else {
                 let waiting = self.out_of_rotation();
                 let why = match (tried.is_empty(), waiting) {
                     (true, None) => "no replica known".to_string(),
@@ -964,6 +988,33 @@ mod tests {
         // verify() is a no-op without a probe.
         s.verify(true).await;
         assert_eq!(s.in_rotation().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_preferred_replica_wins_only_while_no_busier() {
+        let (a, b) = ("http://127.0.0.1:1", "http://127.0.0.1:2");
+        let s = Stage::connect("denoiser", &format!("{a},{b}"), timeouts())
+            .await
+            .unwrap();
+        let picked = |tried: &[String], prefer| s.pick(tried, prefer).unwrap().address.clone();
+        let set_load = |address: &str, n| {
+            let replicas = s.read();
+            let r = replicas.iter().find(|r| r.address == address).unwrap();
+            r.outstanding.store(n, Ordering::Relaxed);
+        };
+        // Equally loaded: the caller's previous replica, every time.
+        for _ in 0..50 {
+            assert_eq!(picked(&[], Some(b)), b);
+        }
+        // Busier than the other: the balancer's choice instead.
+        set_load(b, 2);
+        assert_eq!(picked(&[], Some(b)), a);
+        // Tried already (it failed this call): never.
+        set_load(b, 0);
+        assert_eq!(picked(&[b.to_string()], Some(b)), a);
+        // A preference for a replica that is not in rotation changes nothing.
+        set_load(a, 1);
+        assert_eq!(picked(&[], Some("http://127.0.0.1:3")), b);
     }
 
     #[tokio::test]

@@ -233,6 +233,16 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The value of the first sample in a `/metrics` body whose line starts with `prefix` (the
+/// name, then `{` for a labelled sample or a space for a bare one) and contains `label`.
+pub fn metric_sample(body: &str, prefix: &str, label: &str) -> f64 {
+    let line = body
+        .lines()
+        .find(|l| l.starts_with(prefix) && l.contains(label))
+        .unwrap_or_else(|| panic!("no {prefix}..{label} sample in /metrics:\n{body}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
 /// Fetches `http://ADDR/metrics` (Prometheus text) with a bare HTTP/1.1 GET; the whole
 /// response, headers included, after checking it is a 200.
 pub async fn scrape_metrics(addr: &str) -> String {
