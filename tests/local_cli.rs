@@ -1,9 +1,10 @@
 //! `sd`'s in-process commands: `generate --local` (every stage in one process, on loopback
-//! ports, torn down after) and `bench split` (the same U-Net in-process and over gRPC).
+//! ports, torn down after) and `bench split` (the same U-Net in-process and over gRPC, to a
+//! denoiser in the same process or a running one).
 
 #![allow(clippy::unwrap_used)]
 
-use sd_e2e::{bin, png_size, tiny_model};
+use sd_e2e::{bin, png_size, start_stage, tiny_model};
 use std::process::Command;
 
 #[test]
@@ -95,4 +96,45 @@ fn bench_split_refuses_a_size_off_the_latent_grid() {
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("--size must be a multiple"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_split_times_a_running_denoiser_of_the_same_unet_only() {
+    let denoiser = start_stage("sd-denoiser", &tiny_model("sd1"), &[]).await;
+    let split = |model: std::path::PathBuf| {
+        Command::new(bin("sd"))
+            .args([
+                "bench", "split", "--size", "64", "--iters", "2", "--warmup", "0",
+            ])
+            .arg("--denoiser")
+            .arg(denoiser.url())
+            .arg("--model")
+            .arg(model)
+            .output()
+            .unwrap()
+    };
+    let same = split(tiny_model("sd1"));
+    let stdout = String::from_utf8_lossy(&same.stdout);
+    assert!(
+        same.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&same.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("the denoiser at {}", denoiser.url())),
+        "{stdout}"
+    );
+    assert!(
+        figure(&stdout, "gRPC: U-Net (denoiser's compute)") > 0.0,
+        "{stdout}"
+    );
+
+    let other = split(tiny_model("sd2"));
+    assert!(!other.status.success());
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        stderr.contains("serves U-Net revision")
+            && stderr.contains("the two paths must run the same U-Net"),
+        "{stderr}"
+    );
 }

@@ -10,7 +10,9 @@
 //! leaves what the path adds around the model; the split's cost is the gRPC path's addition
 //! minus the in-process one's. Subtracting the measured compute keeps the U-Net's run-to-run
 //! noise out of the figure, so a CPU run gives the overhead a GPU host would see, up to the
-//! host-to-device copies of the latent (64 KiB for SD 1.5 at 512x512).
+//! host-to-device copies of the latent (64 KiB for SD 1.5 at 512x512). With `--denoiser URL`
+//! the gRPC path goes to a running denoiser stage instead (another process or host), which
+//! times the split as deployed.
 
 use anyhow::Context;
 use sd_denoiser::{
@@ -50,10 +52,15 @@ pub struct SplitArgs {
     /// Timed step pairs (one in-process step and one gRPC step each).
     #[arg(long, default_value_t = 20)]
     iters: u32,
-    /// Milliseconds the denoiser waits to batch a step with others (0: a lone step runs at
-    /// once; the stage's default is 5).
+    /// Milliseconds the denoiser started here waits to batch a step with others (0: a lone
+    /// step runs at once; the stage's default is 5).
     #[arg(long, default_value_t = 0)]
     batch_wait_ms: u64,
+    /// Time a running denoiser stage at this URL (another process, another host: the split as
+    /// deployed) instead of starting one in this process. It must serve the same U-Net as
+    /// `--model` (checked by revision); `--batch-wait-ms` is then its own.
+    #[arg(long)]
+    denoiser: Option<String>,
     /// GPU step times (ms) to express the overhead against; the defaults are the guided SD 1.5
     /// U-Net step on an H100 in `shared/GPU.md`: eager, and with CUDA graphs.
     #[arg(long, value_delimiter = ',', default_value = "25.0,7.6")]
@@ -116,7 +123,13 @@ pub async fn run(a: SplitArgs) -> anyhow::Result<()> {
         .to_device(a.device.0)
         .contiguous();
 
-    let (denoiser, _server) = start_denoiser(&a).await?;
+    let (denoiser, _server) = match &a.denoiser {
+        Some(url) => (connect_remote(url, &a.model).await?, None),
+        None => {
+            let (client, server) = start_denoiser(&a).await?;
+            (client, Some(server))
+        }
+    };
     let context_id = format!("bench-split-{}", std::process::id());
     let request = |t: f32, with_context: bool| DenoiseRequest {
         sample: Some(WireTensor::from_f32(&shape, &latent)),
@@ -268,16 +281,7 @@ async fn start_denoiser(
         listener,
         std::future::pending(),
     ));
-    let client = Stage::connect(
-        "denoiser",
-        &url,
-        Timeouts {
-            connect: Duration::from_secs(5),
-            request: Duration::from_secs(600),
-            resolve_interval: Duration::from_secs(3600),
-        },
-    )
-    .await?;
+    let client = stage_client(&url).await?;
     let started = Instant::now();
     loop {
         match empty_call(&client).await {
@@ -296,6 +300,42 @@ async fn start_denoiser(
     }
 }
 
+/// The orchestrator's stage client for one denoiser at `url`.
+async fn stage_client(url: &str) -> anyhow::Result<Arc<Stage>> {
+    Ok(Stage::connect(
+        "denoiser",
+        url,
+        Timeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(600),
+            resolve_interval: Duration::from_secs(3600),
+        },
+    )
+    .await?)
+}
+
+/// A client for the running denoiser at `url`, once it is seen to serve `model`'s U-Net.
+async fn connect_remote(url: &str, model: &std::path::Path) -> anyhow::Result<Arc<Stage>> {
+    let client = stage_client(url).await?;
+    let (info, _) = client
+        .call("info", None, |ch, timeout| async move {
+            stages::denoiser(ch)
+                .info(stages::request(DenoiserServiceInfoRequest {}, timeout))
+                .await
+        })
+        .await
+        .with_context(|| format!("--denoiser {url}"))?;
+    let theirs = info.model.map(|m| m.revision).unwrap_or_default();
+    let ours = sd_runtime::revision(&model.join("unet"));
+    anyhow::ensure!(
+        theirs == ours,
+        "--denoiser {url} serves U-Net revision {theirs:?}, but --model {} is revision {ours:?}: \
+         the two paths must run the same U-Net",
+        model.display()
+    );
+    Ok(client)
+}
+
 fn report(a: &SplitArgs, shape: &[i64; 4], width: i64, local: &[Sample], grpc: &[Sample]) {
     let ms = |xs: Vec<f64>| Stats::of(xs.into_iter().map(|x| x * 1000.0).collect());
     println!(
@@ -305,15 +345,20 @@ fn report(a: &SplitArgs, shape: &[i64; 4], width: i64, local: &[Sample], grpc: &
         a.device,
         a.dtype
     );
+    let denoiser = match &a.denoiser {
+        Some(url) => format!("the denoiser at {url}"),
+        None => format!(
+            "a denoiser in this process on loopback, batch wait {} ms",
+            a.batch_wait_ms
+        ),
+    };
     println!(
         "guided step: latent {shape:?} f32 ({} KiB each way), context [2, {}, {width}] cached \
-         on the denoiser after the first step; {} step pairs after {} warm-up, denoiser batch \
-         wait {} ms",
+         on the denoiser after the first step; {} step pairs after {} warm-up; {denoiser}",
         shape.iter().product::<i64>() * 4 / 1024,
         a.tokens,
         a.iters,
         a.warmup,
-        a.batch_wait_ms
     );
     println!(
         "{:<34} {:>9} {:>9} {:>9}",
