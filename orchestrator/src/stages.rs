@@ -10,10 +10,11 @@
 //! Calls go to the less busy of two random healthy replicas (power of two choices on
 //! outstanding calls). A caller may name a preferred replica (a generation's denoising steps
 //! name the one that served its previous step, where its text context is cached); it gets the
-//! call while it is no busier than that choice. A replica that fails with UNAVAILABLE is marked unhealthy and skipped
-//! until it answers a gRPC health check with SERVING; the call is retried on another replica
-//! within the request's deadline, as long as the retry budget allows (retries are at most a
-//! fraction of successful calls, so a dead cluster does not cause a retry storm).
+//! call while it is no busier than that choice. A replica that fails with UNAVAILABLE is
+//! marked unhealthy and skipped until it answers a gRPC health check with SERVING; the call is
+//! retried on another replica within the request's deadline, as long as the retry budget
+//! allows (retries are at most a fraction of successful calls, so a dead cluster does not
+//! cause a retry storm).
 //!
 //! Replicas prove what they serve before they get work. Once a [`Probe`] is installed (the
 //! pipeline installs one reading each stage's Info RPC), a replica is in rotation only after it

@@ -24,7 +24,9 @@ use sd_models::{
     unet_2d_condition::UNet2DConditionModel,
 };
 use sd_orchestrator::stages::{self, Stage, Timeouts};
-use sd_proto::stage::{DenoiseRequest, DenoiserServiceInfoRequest, Tensor as WireTensor};
+use sd_proto::stage::{
+    DenoiseRequest, DenoiserServiceInfoRequest, DenoiserServiceInfoResponse, Tensor as WireTensor,
+};
 use std::{
     path::PathBuf,
     sync::Arc,
@@ -231,7 +233,7 @@ pub async fn run(a: SplitArgs) -> anyhow::Result<()> {
 }
 
 /// One Info call: a round trip with nothing to compute.
-async fn empty_call(denoiser: &Stage) -> Result<(), tonic::Status> {
+async fn info(denoiser: &Stage) -> Result<DenoiserServiceInfoResponse, tonic::Status> {
     denoiser
         .call("info", None, |ch, timeout| async move {
             stages::denoiser(ch)
@@ -239,7 +241,7 @@ async fn empty_call(denoiser: &Stage) -> Result<(), tonic::Status> {
                 .await
         })
         .await
-        .map(|_| ())
+        .map(|(info, _)| info)
 }
 
 /// Times 50 Info calls through the stage client, each after `idle`.
@@ -250,7 +252,7 @@ async fn empty_calls(denoiser: &Stage, idle: Duration) -> anyhow::Result<Stats> 
             tokio::time::sleep(idle).await;
         }
         let started = Instant::now();
-        empty_call(denoiser).await?;
+        info(denoiser).await?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(Stats::of(times))
@@ -284,8 +286,8 @@ async fn start_denoiser(
     let client = stage_client(&url).await?;
     let started = Instant::now();
     loop {
-        match empty_call(&client).await {
-            Ok(()) => return Ok((client, server)),
+        match info(&client).await {
+            Ok(_) => return Ok((client, server)),
             Err(e) if started.elapsed() > Duration::from_secs(600) => {
                 anyhow::bail!("the denoiser did not come up: {e}")
             }
@@ -317,12 +319,7 @@ async fn stage_client(url: &str) -> anyhow::Result<Arc<Stage>> {
 /// A client for the running denoiser at `url`, once it is seen to serve `model`'s U-Net.
 async fn connect_remote(url: &str, model: &std::path::Path) -> anyhow::Result<Arc<Stage>> {
     let client = stage_client(url).await?;
-    let (info, _) = client
-        .call("info", None, |ch, timeout| async move {
-            stages::denoiser(ch)
-                .info(stages::request(DenoiserServiceInfoRequest {}, timeout))
-                .await
-        })
+    let info = info(&client)
         .await
         .with_context(|| format!("--denoiser {url}"))?;
     let theirs = info.model.map(|m| m.revision).unwrap_or_default();

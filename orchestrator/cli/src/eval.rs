@@ -1,8 +1,9 @@
 //! `sd eval`: generates images for every held-out prompt of the shapes dataset (colour,
 //! shape and background combinations the model never saw in training), five per prompt from
 //! their own seeds by default, through the full gRPC pipeline, reads each back with the
-//! dataset's pixel classifier, and prints the accuracy per attribute for each guidance scale. `--split seen` scores prompts of the same
-//! make whose combinations *were* in the training data, to separate drawing from generalising.
+//! dataset's pixel classifier, and prints the accuracy per attribute for each guidance scale.
+//! `--split seen` scores prompts of the same make whose combinations *were* in the training
+//! data, to separate drawing from generalising.
 
 use crate::local;
 use anyhow::Context;
