@@ -487,6 +487,7 @@ impl Stage {
                     let channel = endpoint
                         .connect_timeout(self.timeouts.connect)
                         .tcp_nodelay(true)
+                        .max_frame_size(sd_proto::MAX_FRAME_BYTES)
                         .http2_keep_alive_interval(Duration::from_secs(30))
                         .keep_alive_while_idle(true)
                         .connect_lazy();

@@ -40,6 +40,13 @@ pub mod service_names {
 /// 64 MiB leaves room; tonic's default of 4 MiB does not. Set explicitly on both ends.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Largest HTTP/2 frame each end of a stage connection asks its peer to send, in bytes
+/// (SETTINGS_MAX_FRAME_SIZE). The protocol's default, 16 KiB, cuts one SD 1.5 latent (64 KiB)
+/// into five DATA frames, each parsed and flow-controlled on its own; one frame per tensor
+/// saves 0.1-0.15 ms per denoising step on loopback (`sd bench split`, docs/benchmarks.md).
+/// 1 MiB keeps frames small enough that concurrent calls on one connection still interleave.
+pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
+
 /// The denoiser's conditioning cache as the stage API describes it (`DenoiseRequest.context_id`):
 /// the id rules and the machine-readable miss status, shared by the denoiser and its callers.
 pub mod context_cache {

@@ -144,6 +144,7 @@ pub fn builder() -> tonic::transport::Server {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
+        .max_frame_size(sd_proto::MAX_FRAME_BYTES)
 }
 
 /// The layers [`traced_builder`] adds to [`builder`].
