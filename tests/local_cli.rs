@@ -62,7 +62,8 @@ fn figure(stdout: &str, label: &str) -> f64 {
 fn bench_split_times_both_paths_and_the_difference() {
     let run = Command::new(bin("sd"))
         .args([
-            "bench", "split", "--size", "64", "--iters", "3", "--warmup", "1", "--model",
+            "bench", "split", "--size", "64", "--iters", "3", "--warmup", "1", "--run", "2",
+            "--model",
         ])
         .arg(tiny_model("sd1"))
         .output()
@@ -74,6 +75,11 @@ fn bench_split_times_both_paths_and_the_difference() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(stdout.contains("latent [1, 4, 8, 8]"), "{stdout}");
+    // Four steps per path, in two runs of two; the first one is warm-up.
+    assert!(
+        stdout.contains("3 step pairs after 1 warm-up, in runs of 2 steps per path"),
+        "{stdout}"
+    );
     let (grpc_step, grpc_unet) = (
         figure(&stdout, "gRPC: step"),
         figure(&stdout, "gRPC: U-Net (denoiser's compute)"),
@@ -87,7 +93,7 @@ fn bench_split_times_both_paths_and_the_difference() {
 }
 
 #[test]
-fn bench_split_refuses_a_size_off_the_latent_grid() {
+fn bench_split_refuses_a_size_off_the_latent_grid_and_empty_runs() {
     let run = Command::new(bin("sd"))
         .args(["bench", "split", "--size", "60", "--model"])
         .arg(tiny_model("sd1"))
@@ -96,6 +102,15 @@ fn bench_split_refuses_a_size_off_the_latent_grid() {
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("--size must be a multiple"), "{stderr}");
+
+    let run = Command::new(bin("sd"))
+        .args(["bench", "split", "--run", "0", "--model"])
+        .arg(tiny_model("sd1"))
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("--run"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,8 +5,11 @@
 //! would: latents in, guided prediction out, the text context already on the device), and one
 //! behind the denoiser stage's gRPC server on loopback, reached through the orchestrator's own
 //! stage client (replica picking, trace propagation, the conditioning cache: the context is
-//! sent with the first step only). Steps alternate between the two, so drift in the machine's
-//! speed hits both alike. Each path's own U-Net time is subtracted from its step time, which
+//! sent with the first step only). The two paths take turns in runs of consecutive steps, so
+//! drift in the machine's speed hits both alike while each path sees what a generation sees:
+//! its next step follows the last one at once, not after a whole step of the other path
+//! (which would leave the denoiser's threads idle for a U-Net step before every request, a
+//! wait no generation has). Each path's own U-Net time is subtracted from its step time, which
 //! leaves what the path adds around the model; the split's cost is the gRPC path's addition
 //! minus the in-process one's. Subtracting the measured compute keeps the U-Net's run-to-run
 //! noise out of the figure, so a CPU run gives the overhead a GPU host would see, up to the
@@ -54,6 +57,11 @@ pub struct SplitArgs {
     /// Timed step pairs (one in-process step and one gRPC step each).
     #[arg(long, default_value_t = 20)]
     iters: u32,
+    /// Consecutive steps each path takes before the other takes over, as a generation calls
+    /// the denoiser step after step. 1 alternates every step, which leaves the denoiser idle
+    /// for a whole in-process step before each request.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    run: u32,
     /// Milliseconds the denoiser started here waits to batch a step with others (0: a lone
     /// step runs at once; the stage's default is 5).
     #[arg(long, default_value_t = 0)]
@@ -200,13 +208,20 @@ pub async fn run(a: SplitArgs) -> anyhow::Result<()> {
     // The first gRPC step carries the context; every later one names it by id.
     over_grpc(999.0, true).await?;
     let (mut local_runs, mut grpc_runs) = (Vec::new(), Vec::new());
-    for i in 0..a.warmup + a.iters {
-        let t = 999.0 - (i % 50) as f32 * 20.0;
-        let l = in_process(t)?;
-        let g = over_grpc(t, false).await?;
-        if i >= a.warmup {
-            local_runs.push(l);
-            grpc_runs.push(g);
+    let timestep = |i: u32| 999.0 - (i % 50) as f32 * 20.0;
+    let steps = a.warmup + a.iters;
+    for first in (0..steps).step_by(a.run as usize) {
+        let run = first..(first + a.run).min(steps);
+        let local: Vec<Sample> = run
+            .clone()
+            .map(|i| in_process(timestep(i)))
+            .collect::<anyhow::Result<_>>()?;
+        for (i, l) in run.zip(local) {
+            let g = over_grpc(timestep(i), false).await?;
+            if i >= a.warmup {
+                local_runs.push(l);
+                grpc_runs.push(g);
+            }
         }
     }
     report(&a, &shape, width, &local_runs, &grpc_runs);
@@ -351,11 +366,13 @@ fn report(a: &SplitArgs, shape: &[i64; 4], width: i64, local: &[Sample], grpc: &
     };
     println!(
         "guided step: latent {shape:?} f32 ({} KiB each way), context [2, {}, {width}] cached \
-         on the denoiser after the first step; {} step pairs after {} warm-up; {denoiser}",
+         on the denoiser after the first step; {} step pairs after {} warm-up, in runs of {} \
+         steps per path; {denoiser}",
         shape.iter().product::<i64>() * 4 / 1024,
         a.tokens,
         a.iters,
         a.warmup,
+        a.run,
     );
     println!(
         "{:<34} {:>9} {:>9} {:>9}",
