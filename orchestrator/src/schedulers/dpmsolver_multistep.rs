@@ -189,14 +189,6 @@ impl Scheduler for DpmSolverMultistepScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &[f32], _step: usize) -> Vec<f32> {
-        sample.to_vec()
-    }
-
     fn sigmas(&self) -> Option<&[f32]> {
         Some(&self.sigmas)
     }

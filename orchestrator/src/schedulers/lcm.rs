@@ -93,14 +93,6 @@ impl Scheduler for LcmScheduler {
         &self.timesteps_f32
     }
 
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &[f32], _step: usize) -> Vec<f32> {
-        sample.to_vec()
-    }
-
     fn add_noise(&self, original: &[f32], noise: &[f32], step: usize) -> Vec<f32> {
         // LCMScheduler.add_noise: √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε.
         add_noise_alpha(

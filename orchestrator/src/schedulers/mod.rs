@@ -68,10 +68,16 @@ pub trait Scheduler: Send {
     /// Timesteps of the schedule in the order they are used (noisiest first), as the float
     /// values sent to the U-Net.
     fn timesteps(&self) -> &[f32];
-    /// Factor on the initial noise (1 for DDIM; sigma_max-based for sigma schedulers).
-    fn init_noise_sigma(&self) -> f32;
-    /// Model input for step index `step` (identity for DDIM; sigma scaling for Euler-style).
-    fn scale_model_input(&self, sample: &[f32], step: usize) -> Vec<f32>;
+    /// Factor on the initial noise: 1 for the ᾱ-parameterised samplers (DDIM, DDPM, PNDM,
+    /// DPM-Solver, UniPC, LCM); σ_max-based for the σ samplers, which override it.
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
+    /// Model input for step index `step`: the sample itself, except for the σ samplers
+    /// (Euler-style), which scale it by 1/√(σ² + 1) and override this.
+    fn scale_model_input(&self, sample: &[f32], _step: usize) -> Vec<f32> {
+        sample.to_vec()
+    }
     /// One reverse-diffusion step from the model output at step index `step`; returns the
     /// previous sample. `rng` supplies noise for stochastic samplers.
     fn step(

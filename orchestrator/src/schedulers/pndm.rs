@@ -138,14 +138,6 @@ impl Scheduler for PndmScheduler {
         )
     }
 
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &[f32], _step: usize) -> Vec<f32> {
-        sample.to_vec()
-    }
-
     fn step(
         &mut self,
         model_output: &[f32],
