@@ -19,7 +19,7 @@ STEPS     ?= 20
 DEMO_OUT  ?= out/demo.png
 DEMO_MODEL ?= services/training/default-model
 
-.PHONY: help setup demo default-model test build lint fmt buf-lint clean images k8s-check
+.PHONY: help setup demo default-model test build lint fmt buf-lint clean images k8s-check gpu-bundle
 
 help:
 	@echo "make demo   PROMPT=\"...\"   generate $(DEMO_OUT) from a prompt (all four services, in one process)"
@@ -28,6 +28,7 @@ help:
 	@echo "make default-model          retrain the shipped default model from scratch, then score it"
 	@echo "make images                 build the four container images (needs a container engine)"
 	@echo "make k8s-check              render and validate the Kubernetes manifests (part of make test)"
+	@echo "make gpu-bundle             fill .gpu/ for tests/python/gpu_bench.sh on a GPU machine"
 
 ## Set-up ---------------------------------------------------------------------------------
 setup: $(STAMP)
@@ -96,6 +97,20 @@ images:
 	  docker buildx build -f deploy/docker/Dockerfile --target $$t \
 	    -t $(IMAGE_REPO)/$$t:$(IMAGE_TAG) $(IMAGE_PUSH) . || exit 1; \
 	done
+
+## GPU measurements -----------------------------------------------------------------------
+# .gpu/ (git-ignored, under the 64 MiB a GPU call carries): the release binaries, stripped,
+# the diffusers wheels that machine lacks (Python 3.12 there), and the shared baseline scripts
+# when they are beside the checkout. tests/python/gpu_bench.sh runs there from the repo root.
+GPU_WHEELS := diffusers==0.42.1 importlib_metadata zipp
+gpu-bundle: setup
+	cargo build --locked --release -p sd-cli --bin sd -p sd-denoiser --bin sd-denoiser
+	mkdir -p .gpu/bin .gpu/whl .gpu/bench
+	for b in sd sd-denoiser; do strip -o .gpu/bin/$$b target/release/$$b; done
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux2014_x86_64 -d .gpu/whl $(GPU_WHEELS)
+	if [ -d ../shared/bench ]; then install -m 644 ../shared/bench/*.py .gpu/bench/; fi
+	du -sh .gpu
 
 clean:
 	cargo clean
