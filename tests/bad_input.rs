@@ -1,10 +1,10 @@
 //! Bad input gets a clear error naming what was wrong, never a panic or a hang: invalid
-//! requests, malformed tensors sent straight to a stage, a stage that is down, and model
-//! folders with missing or malformed files.
+//! requests, malformed tensors sent straight to a stage, a message over the size limit, a stage
+//! that is down, and model folders with missing or malformed files.
 
 #![allow(clippy::unwrap_used)]
 
-use sd_e2e::{Cluster, Service, bin, copy_dir, tiny_model};
+use sd_e2e::{Cluster, Service, bin, copy_dir, start_stage, tiny_model};
 use sd_proto::{
     stage::{
         DataType, DecodeRequest, DenoiseRequest, Tensor,
@@ -309,6 +309,49 @@ async fn malformed_tensors_are_invalid_argument_and_the_stage_survives() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("latents"), "{}", err.message());
+}
+
+/// A message above the system's size limit (64 MiB, `sd_proto::MAX_MESSAGE_BYTES`) is refused
+/// with a status that names its size and the limit, and the stage keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_over_the_size_limit_is_refused_naming_the_limit() {
+    let model = tiny_model("sd1");
+    let denoiser = start_stage("sd-denoiser", &model, &[]).await;
+    let mut client = DenoiserServiceClient::connect(denoiser.url())
+        .await
+        .unwrap();
+    let limit = sd_proto::MAX_MESSAGE_BYTES;
+    // One f32 row of [4, 1024, 1024] is 16 MiB: one row more than the limit holds.
+    let side = 1024i64;
+    let rows = (limit as i64 / (4 * side * side * 4)) + 1;
+    let huge = DenoiseRequest {
+        sample: Some(tensor(
+            DataType::Float32,
+            &[rows, 4, side, side],
+            (rows * 4 * side * side * 4) as usize,
+        )),
+        timesteps: Some(Tensor::from_f32(&[1], &[999.0])),
+        guidance_scale: vec![],
+        context_id: "over-the-limit".into(),
+        ..Default::default()
+    };
+    let err = client.denoise(huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
+    assert!(
+        err.message().contains(&limit.to_string()),
+        "the error names the limit: {}",
+        err.message()
+    );
+
+    // The connection and the stage are still good for a request of the right size.
+    let small = DenoiseRequest {
+        sample: Some(tensor(DataType::Float32, &[1, 4, 8, 8], 4 * 64 * 4)),
+        timesteps: Some(Tensor::from_f32(&[1], &[999.0])),
+        encoder_hidden_states: Some(tensor(DataType::Float32, &[1, 77, 32], 77 * 32 * 4)),
+        ..Default::default()
+    };
+    let out = client.denoise(small).await.unwrap().into_inner();
+    assert_eq!(out.model_output.unwrap().shape, vec![1, 4, 8, 8]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
