@@ -90,6 +90,11 @@ fn bench_split_times_both_paths_and_the_difference() {
         stdout.contains("split cost per step") && stdout.contains("% of a 25 ms GPU step"),
         "{stdout}"
     );
+    // Empty calls after the idle time of each GPU step (the defaults, 25 and 7.6 ms).
+    assert!(
+        stdout.contains("after 25.0 ms idle") && stdout.contains("after 7.6 ms idle"),
+        "{stdout}"
+    );
 }
 
 #[test]

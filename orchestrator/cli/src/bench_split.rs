@@ -226,24 +226,31 @@ pub async fn run(a: SplitArgs) -> anyhow::Result<()> {
     }
     report(&a, &shape, width, &local_runs, &grpc_runs);
 
-    // What an empty call costs, back to back and after the threads sat idle for a U-Net
-    // step: the difference is the host's cost of waking parked threads, which the U-Net's
-    // compute time forces on every step of the split.
-    let idle =
+    // What an empty call costs, back to back and after the threads sat idle for as long as
+    // this U-Net's step and each GPU step: the difference is the host's cost of waking parked
+    // threads, which the compute forces on every step of the split (how long they sleep can
+    // decide how deeply, hence the GPU step times).
+    let unet_idle =
         Duration::from_secs_f64(Stats::of(grpc_runs.iter().map(|s| s.unet).collect()).median);
     let busy = empty_calls(&denoiser, Duration::ZERO).await?;
-    let rested = empty_calls(&denoiser, idle).await?;
     println!(
-        "empty call (Info) round trip: back to back median {:.3} ms (p10 {:.3}, p90 {:.3}); \
-         after {:.1} ms idle median {:.3} ms (p10 {:.3}, p90 {:.3})",
-        busy.median,
-        busy.p10,
-        busy.p90,
-        idle.as_secs_f64() * 1000.0,
-        rested.median,
-        rested.p10,
-        rested.p90
+        "empty call (Info) round trip: back to back median {:.3} ms (p10 {:.3}, p90 {:.3})",
+        busy.median, busy.p10, busy.p90,
     );
+    let gpu_idles = a
+        .gpu_step_ms
+        .iter()
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+    for idle in std::iter::once(unet_idle).chain(gpu_idles) {
+        let rested = empty_calls(&denoiser, idle).await?;
+        println!(
+            "  after {:.1} ms idle: median {:.3} ms (p10 {:.3}, p90 {:.3})",
+            idle.as_secs_f64() * 1000.0,
+            rested.median,
+            rested.p10,
+            rested.p90
+        );
+    }
     Ok(())
 }
 
