@@ -99,23 +99,19 @@ fn bench_split_times_both_paths_and_the_difference() {
 
 #[test]
 fn bench_split_refuses_a_size_off_the_latent_grid_and_empty_runs() {
-    let run = Command::new(bin("sd"))
-        .args(["bench", "split", "--size", "60", "--model"])
-        .arg(tiny_model("sd1"))
-        .output()
-        .unwrap();
-    assert!(!run.status.success());
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(stderr.contains("--size must be a multiple"), "{stderr}");
-
-    let run = Command::new(bin("sd"))
-        .args(["bench", "split", "--run", "0", "--model"])
-        .arg(tiny_model("sd1"))
-        .output()
-        .unwrap();
-    assert!(!run.status.success());
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(stderr.contains("--run"), "{stderr}");
+    for (flag, value, named) in [
+        ("--size", "60", "--size must be a multiple"),
+        ("--run", "0", "--run"),
+    ] {
+        let run = Command::new(bin("sd"))
+            .args(["bench", "split", flag, value, "--model"])
+            .arg(tiny_model("sd1"))
+            .output()
+            .unwrap();
+        assert!(!run.status.success(), "{flag} {value} was accepted");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(stderr.contains(named), "{stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

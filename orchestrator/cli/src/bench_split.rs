@@ -385,32 +385,15 @@ fn report(a: &SplitArgs, shape: &[i64; 4], width: i64, local: &[Sample], grpc: &
         "{:<34} {:>9} {:>9} {:>9}",
         "ms per step", "median", "p10", "p90"
     );
+    let of = |xs: &[Sample], f: fn(&Sample) -> f64| ms(xs.iter().map(f).collect());
     let rows = [
-        (
-            "in-process: step",
-            ms(local.iter().map(|s| s.total).collect()),
-        ),
-        (
-            "in-process: U-Net",
-            ms(local.iter().map(|s| s.unet).collect()),
-        ),
-        (
-            "in-process: around the U-Net",
-            ms(local.iter().map(Sample::around).collect()),
-        ),
-        ("gRPC: step", ms(grpc.iter().map(|s| s.total).collect())),
-        (
-            "gRPC: U-Net (denoiser's compute)",
-            ms(grpc.iter().map(|s| s.unet).collect()),
-        ),
-        (
-            "gRPC: denoiser queue",
-            ms(grpc.iter().map(|s| s.queue).collect()),
-        ),
-        (
-            "gRPC: around the U-Net",
-            ms(grpc.iter().map(Sample::around).collect()),
-        ),
+        ("in-process: step", of(local, |s| s.total)),
+        ("in-process: U-Net", of(local, |s| s.unet)),
+        ("in-process: around the U-Net", of(local, Sample::around)),
+        ("gRPC: step", of(grpc, |s| s.total)),
+        ("gRPC: U-Net (denoiser's compute)", of(grpc, |s| s.unet)),
+        ("gRPC: denoiser queue", of(grpc, |s| s.queue)),
+        ("gRPC: around the U-Net", of(grpc, Sample::around)),
     ];
     for (name, s) in &rows {
         println!("{name:<34} {:>9.3} {:>9.3} {:>9.3}", s.median, s.p10, s.p90);
