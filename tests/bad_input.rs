@@ -1,5 +1,5 @@
 //! Bad input gets a clear error naming what was wrong, never a panic or a hang: invalid
-//! requests, malformed tensors sent straight to a stage, a message over the size limit, a stage
+//! requests, malformed tensors sent straight to a stage (as calls and on a step stream), a message over the size limit, a stage
 //! that is down, and model folders with missing or malformed files.
 
 #![allow(clippy::unwrap_used)]
@@ -7,7 +7,7 @@
 use sd_e2e::{Cluster, Service, bin, copy_dir, start_stage, tiny_model};
 use sd_proto::{
     stage::{
-        DataType, DecodeRequest, DenoiseRequest, Tensor,
+        DataType, DecodeRequest, DenoiseRequest, DenoiseStepsRequest, Tensor,
         denoiser_service_client::DenoiserServiceClient, vae_service_client::VaeServiceClient,
     },
     v1::GenerateRequest,
@@ -309,6 +309,70 @@ async fn malformed_tensors_are_invalid_argument_and_the_stage_survives() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("latents"), "{}", err.message());
+}
+
+/// On a DenoiseSteps stream, good steps are answered in order; a bad step ends the stream
+/// with INVALID_ARGUMENT naming the field, and so does a message without a step. The stage
+/// keeps serving other streams.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_step_ends_its_stream_naming_the_field() {
+    let cluster = Cluster::start(&tiny_model("sd1")).await;
+    let mut denoiser = DenoiserServiceClient::connect(cluster.denoiser.url())
+        .await
+        .unwrap();
+    let step = |t: f32, sample: Tensor| DenoiseStepsRequest {
+        step: Some(DenoiseRequest {
+            sample: Some(sample),
+            timesteps: Some(Tensor::from_f32(&[1], &[t])),
+            encoder_hidden_states: Some(tensor(DataType::Float32, &[2, 77, 32], 2 * 77 * 32 * 4)),
+            guidance_scale: vec![7.5],
+            guidance_rescale: vec![],
+            context_id: String::new(),
+        }),
+        trace_context: Default::default(),
+    };
+    let good = |t| step(t, tensor(DataType::Float32, &[1, 4, 8, 8], 4 * 64 * 4));
+    let bad = step(500.0, tensor(DataType::Float32, &[1, 4, 8, 8], 17));
+    let messages = vec![good(999.0), good(800.0), bad, good(600.0)];
+    let mut answers = denoiser
+        .denoise_steps(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        let answer = answers.message().await.unwrap().unwrap();
+        assert_eq!(
+            answer.step.unwrap().model_output.unwrap().shape,
+            vec![1, 4, 8, 8]
+        );
+    }
+    let err = answers.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().starts_with("sample"), "{}", err.message());
+    assert!(
+        matches!(answers.message().await, Ok(None) | Err(_)),
+        "the step after the bad one was answered"
+    );
+
+    let mut answers = denoiser
+        .denoise_steps(tokio_stream::iter([DenoiseStepsRequest::default()]))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = answers.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert_eq!(err.message(), "step: missing");
+
+    let mut answers = denoiser
+        .denoise_steps(tokio_stream::iter([good(999.0)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answers.message().await.unwrap().is_some());
+    assert!(
+        answers.message().await.unwrap().is_none(),
+        "one answer per step"
+    );
 }
 
 /// A message above the system's size limit (64 MiB, `sd_proto::MAX_MESSAGE_BYTES`) is refused

@@ -4,7 +4,9 @@
 //! its text context, so any replica can serve any step. Classifier-free guidance is fused:
 //! the unconditional and conditional halves run as one U-Net batch and the guided prediction
 //! is returned (half the bytes back, one round trip). Concurrent calls are batched into one
-//! U-Net forward ([`sd_runtime::batcher`], bucketed by [`model::Step`]'s key).
+//! U-Net forward ([`sd_runtime::batcher`], bucketed by [`model::Step`]'s key). DenoiseSteps
+//! serves the same steps as messages on one stream, one after another: a caller that sends
+//! many steps in a row (the orchestrator's generations) saves a call's per-step cost.
 //!
 //! A call may name its context with a `context_id`; the context is then kept on the device in
 //! a bounded conditioning cache ([`cache`]) and later steps of the generation send the id
@@ -20,8 +22,8 @@ use sd_models::unet_2d_condition::UNet2DConditionModel;
 use sd_proto::{
     context_cache, service_names,
     stage::{
-        DataType, DenoiseRequest, DenoiseResponse, DenoiserServiceInfoRequest,
-        DenoiserServiceInfoResponse,
+        DataType, DenoiseRequest, DenoiseResponse, DenoiseStepsRequest, DenoiseStepsResponse,
+        DenoiserServiceInfoRequest, DenoiserServiceInfoResponse,
         denoiser_service_server::{DenoiserService, DenoiserServiceServer},
     },
 };
@@ -39,6 +41,7 @@ use std::{
 use tch::Tensor;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 const STAGE: &str = "denoiser";
 /// Largest batch (samples, before the CFG doubling) one call may carry.
@@ -95,6 +98,7 @@ impl Default for BatchArgs {
 }
 
 /// The gRPC service.
+#[derive(Clone)]
 pub struct Denoiser {
     batcher: Batcher<Step, Tensor, Status>,
     metrics: sd_server::telemetry::metrics::Stage,
@@ -296,8 +300,67 @@ impl DenoiserService for Denoiser {
         &self,
         request: Request<DenoiseRequest>,
     ) -> Result<Response<DenoiseResponse>, Status> {
+        self.step(request.get_ref()).await.map(Response::new)
+    }
+
+    type DenoiseStepsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<DenoiseStepsResponse, Status>> + Send + 'static>,
+    >;
+
+    /// Serves the stream's steps one after another, each exactly as a Denoise call (its own
+    /// span, batching with every other step). A failed step ends the stream with its status;
+    /// a caller that goes away drops the step it had queued.
+    async fn denoise_steps(
+        &self,
+        request: Request<tonic::Streaming<DenoiseStepsRequest>>,
+    ) -> Result<Response<Self::DenoiseStepsStream>, Status> {
+        // Held until the stream ends, so the call's span lasts as long as the stream and
+        // parents every step's span.
+        let call = tracing::Span::current();
+        let stream = Some((self.clone(), request.into_inner(), call));
+        let answers = futures_util::stream::unfold(stream, |stream| async move {
+            let (this, mut steps, call) = stream?;
+            let (step, trace_context) = match steps.message().await {
+                Ok(Some(DenoiseStepsRequest {
+                    step: Some(step),
+                    trace_context,
+                })) => (step, trace_context),
+                Ok(Some(DenoiseStepsRequest { step: None, .. })) => {
+                    let missing = Status::invalid_argument("step: missing");
+                    return Some((Err(missing), None));
+                }
+                Ok(None) => return None,
+                Err(status) => return Some((Err(status), None)),
+            };
+            // Traced as the Denoise call it stands for, under the orchestrator's step.
+            let span = tracing::info_span!(
+                parent: &call,
+                "denoise",
+                otel.name = "sd.stage.v1.DenoiserService/Denoise",
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = "sd.stage.v1.DenoiserService",
+                rpc.method = "Denoise",
+                batch_rows = tracing::field::Empty
+            );
+            sd_server::telemetry::set_parent_from(&span, &trace_context);
+            let answer = this
+                .step(&step)
+                .instrument(span)
+                .await
+                .map(|step| DenoiseStepsResponse { step: Some(step) });
+            let rest = answer.is_ok().then_some((this, steps, call));
+            Some((answer, rest))
+        });
+        Ok(Response::new(Box::pin(answers)))
+    }
+}
+
+impl Denoiser {
+    /// One step, for either RPC; its span records the batch it joined.
+    async fn step(&self, request: &DenoiseRequest) -> Result<DenoiseResponse, Status> {
         let info = self.info.get().ok_or_else(|| status::warming_up(STAGE))?;
-        let (step, context_cached) = self.validate(request.get_ref(), info)?;
+        let (step, context_cached) = self.validate(request, info)?;
         let _inflight = self.metrics.inflight();
         let out = self.batcher.submit(step).await.map_err(|e| {
             let status = status::batch(e);
@@ -307,14 +370,14 @@ impl DenoiserService for Denoiser {
         tracing::Span::current().record("batch_rows", out.batch_rows);
         let model_output =
             wire::from_tch(&out.value).map_err(|e| status::model(STAGE, e.into()))?;
-        Ok(Response::new(DenoiseResponse {
+        Ok(DenoiseResponse {
             model_output: Some(model_output),
             batch_rows: out.batch_rows as u32,
             batch_calls: out.batch_calls as u32,
             queue_wait_seconds: out.queue_wait.as_secs_f64(),
             compute_seconds: out.compute.as_secs_f64(),
             context_cached,
-        }))
+        })
     }
 }
 

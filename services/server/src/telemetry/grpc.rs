@@ -109,6 +109,29 @@ pub fn inject_context(metadata: &mut tonic::metadata::MetadataMap) {
     });
 }
 
+/// Writes the current span's trace context into `carrier` (the W3C `traceparent` and
+/// `tracestate` keys), for a context that travels in a message instead of call headers: each
+/// step on a stream belongs to the trace of the span that sent it.
+pub fn inject_into(carrier: &mut std::collections::HashMap<String, String>) {
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, carrier));
+}
+
+/// Makes `span` a child of the trace context in `carrier` (see [`inject_into`]) when it holds
+/// a valid one; otherwise `span` keeps the parent it was created with.
+pub fn set_parent_from(span: &tracing::Span, carrier: &std::collections::HashMap<String, String>) {
+    if carrier.is_empty() {
+        return;
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(carrier));
+    if opentelemetry::trace::TraceContextExt::span(&parent)
+        .span_context()
+        .is_valid()
+    {
+        let _ = span.set_parent(parent);
+    }
+}
+
 /// Client interceptor that propagates the current span's trace context:
 /// `DenoiserServiceClient::with_interceptor(channel, sd_server::telemetry::inject)`.
 pub fn inject(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {

@@ -22,7 +22,7 @@ pub mod grpc;
 pub mod metrics;
 mod prometheus_http;
 
-pub use grpc::{Inject, inject};
+pub use grpc::{Inject, inject, inject_into, set_parent_from};
 
 use crate::LogArgs;
 use opentelemetry::{KeyValue, trace::TracerProvider as _};
