@@ -93,16 +93,19 @@ async fn wait_for_log(service: &Service, needle: &str, timeout: Duration) {
     }
 }
 
-/// Denoise calls a stage served, from its Prometheus metrics (0 when none yet).
+/// Denoise calls and DenoiseSteps streams a stage served, from its Prometheus metrics (0
+/// when none yet).
 async fn denoise_calls(service: &Service) -> f64 {
     let addr = service.metrics_addr().expect("no `metrics on` line");
     let body = scrape_metrics(&addr).await;
     body.lines()
-        .find(|l| {
+        .filter(|l| {
             l.starts_with("rpc_server_call_duration_seconds_count{")
-                && l.contains("rpc_method=\"Denoise\"")
+                && (l.contains("rpc_method=\"Denoise\"")
+                    || l.contains("rpc_method=\"DenoiseSteps\""))
         })
-        .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]

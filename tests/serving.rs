@@ -387,6 +387,35 @@ async fn a_generation_keeps_to_the_replica_holding_its_context() {
         inserts += metric_sample(&body, "sd_context_cache_inserts_total ", "");
     }
     assert_eq!(misses, 0.0, "steps moved away from their context");
+    // Each generation sent its steps on one DenoiseSteps stream (counted when it ends, just
+    // after its generation), and none as unary Denoise calls.
+    let streams = |body: &str, method: &str| {
+        body.lines()
+            .filter(|l| {
+                l.starts_with("rpc_server_call_duration_seconds_count{")
+                    && l.contains(&format!("rpc_method=\"{method}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mut opened, mut calls) = (0.0, 0.0);
+        for d in [&d1, &d2] {
+            let body = scrape_metrics(&d.metrics_addr().unwrap()).await;
+            opened += streams(&body, "DenoiseSteps");
+            calls += streams(&body, "Denoise");
+        }
+        assert_eq!(calls, 0.0, "steps sent as unary Denoise calls");
+        if opened == f64::from(GENERATIONS) {
+            break;
+        }
+        assert!(
+            opened < f64::from(GENERATIONS) && std::time::Instant::now() < deadline,
+            "{opened} step streams for {GENERATIONS} generations"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         inserts,
         f64::from(GENERATIONS),

@@ -469,20 +469,27 @@ async fn denoiser_metrics_count_every_rpc() {
             service.name
         );
     }
-    let body = scrape_metrics(&cluster.denoiser.metrics_addr().unwrap()).await;
-    let count_line = body
-        .lines()
-        .find(|l| {
+    // The generation's steps went on one DenoiseSteps stream, counted when it ended (just
+    // after the generation).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let body = scrape_metrics(&cluster.denoiser.metrics_addr().unwrap()).await;
+        let count_line = body.lines().find(|l| {
             l.starts_with("rpc_server_call_duration_seconds_count{")
-                && l.contains("rpc_method=\"Denoise\"")
+                && l.contains("rpc_method=\"DenoiseSteps\"")
                 && l.contains("rpc_service=\"sd.stage.v1.DenoiserService\"")
-        })
-        .unwrap_or_else(|| panic!("no Denoise duration histogram in /metrics:\n{body}"));
-    let count: f64 = count_line.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(
-        count >= STEPS as f64,
-        "{STEPS} steps but {count} Denoise calls counted: {count_line}"
-    );
+        });
+        if let Some(line) = count_line {
+            let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            assert_eq!(count, 1.0, "one step stream per generation: {line}");
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no DenoiseSteps duration histogram in /metrics:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(
         body.contains("rpc_server_call_duration_seconds_bucket{"),
         "histogram buckets missing:\n{body}"

@@ -4,7 +4,7 @@
 //!
 //! - [`server`]: flags and process set-up; [`service`]: the public gRPC service;
 //! - [`request`]: request validation; [`pipeline`]: one generation across the stages;
-//! - [`stages`]: clients of the stage replicas; [`schedulers`], [`rng`]: the sampling math.
+//! - [`stages`]: clients of the stage replicas; [`steps`]: a generation's step stream; [`schedulers`], [`rng`]: the sampling math.
 
 pub mod pipeline;
 pub mod preview;
@@ -14,3 +14,4 @@ pub mod schedulers;
 pub mod server;
 pub mod service;
 pub mod stages;
+pub mod steps;

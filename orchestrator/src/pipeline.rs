@@ -11,7 +11,8 @@
 //! that does not hold it (restarted, evicted, expired, or another replica after a failover or
 //! a balancing choice) answers with a context miss and the same step is re-sent to the same
 //! replica with the context: one extra round trip, outside the failover retry budget, and the
-//! same tensors, so the image does not change.
+//! same tensors, so the image does not change. The steps travel on a `DenoiseSteps` stream
+//! ([`crate::steps`]).
 
 use crate::{
     preview,
@@ -19,6 +20,7 @@ use crate::{
     rng::TorchGenerator,
     schedulers::{self, SchedulerConfig},
     stages::{self, Identity, Stage, request},
+    steps::StepStream,
 };
 use sd_proto::{
     stage::{
@@ -28,90 +30,12 @@ use sd_proto::{
     v1::{GenerateResponse, Image, OutputFormat, Progress, StageTimings},
 };
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 use tokio::sync::OnceCell;
 use tonic::Status;
 use tracing::Instrument;
-
-/// Denoise traffic of this process since start, for benchmarks: every Denoise call sent
-/// (context-miss re-sends included) and its encoded request size.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DenoiseTraffic {
-    /// Denoise calls sent.
-    pub calls: u64,
-    /// Bytes of their encoded `DenoiseRequest` messages.
-    pub request_bytes: u64,
-    /// Calls that sent only a context id and got a context miss (each was re-sent).
-    pub context_misses: u64,
-}
-
-static DENOISE_CALLS: AtomicU64 = AtomicU64::new(0);
-static DENOISE_REQUEST_BYTES: AtomicU64 = AtomicU64::new(0);
-static CONTEXT_MISSES: AtomicU64 = AtomicU64::new(0);
-
-/// The process's [`DenoiseTraffic`] so far.
-pub fn denoise_traffic() -> DenoiseTraffic {
-    DenoiseTraffic {
-        calls: DENOISE_CALLS.load(Ordering::Relaxed),
-        request_bytes: DENOISE_REQUEST_BYTES.load(Ordering::Relaxed),
-        context_misses: CONTEXT_MISSES.load(Ordering::Relaxed),
-    }
-}
-
-/// Sends one Denoise call, counting it in [`denoise_traffic`].
-async fn send_denoise(
-    channel: stages::Traced,
-    step: &DenoiseRequest,
-    timeout: Duration,
-) -> Result<tonic::Response<sd_proto::stage::DenoiseResponse>, Status> {
-    DENOISE_CALLS.fetch_add(1, Ordering::Relaxed);
-    DENOISE_REQUEST_BYTES.fetch_add(prost::Message::encoded_len(step) as u64, Ordering::Relaxed);
-    stages::denoiser(channel)
-        .denoise(request(step.clone(), timeout))
-        .await
-}
-
-/// Whether a call that sent only a context id must be re-sent with the context: a context
-/// miss, or a replica from before the cache, which reads the call as having no context.
-fn needs_context(status: &Status) -> bool {
-    sd_proto::context_cache::is_miss(status)
-        || (status.code() == tonic::Code::InvalidArgument
-            && status
-                .message()
-                .starts_with("encoder_hidden_states: missing"))
-}
-
-/// One step on one replica: `bare` (the id alone) when the context is believed cached,
-/// else `full`; a context miss re-sends `full` to the same replica within `timeout`.
-async fn denoise_step(
-    channel: stages::Traced,
-    full: &DenoiseRequest,
-    bare: Option<&DenoiseRequest>,
-    timeout: Duration,
-) -> Result<tonic::Response<sd_proto::stage::DenoiseResponse>, Status> {
-    let Some(bare) = bare else {
-        return send_denoise(channel, full, timeout).await;
-    };
-    let started = Instant::now();
-    match send_denoise(channel.clone(), bare, timeout).await {
-        Err(status) if needs_context(&status) => {
-            CONTEXT_MISSES.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                context_id = full.context_id.as_str(),
-                "context cache miss on the denoiser ({}): re-sending the step with its context",
-                status.message()
-            );
-            let left = timeout.saturating_sub(started.elapsed());
-            send_denoise(channel, full, left).await
-        }
-        outcome => outcome,
-    }
-}
 
 /// The three stages and what they said about their models.
 pub struct Pipeline {
@@ -332,6 +256,7 @@ impl Pipeline {
         // they find the context there instead of costing a miss on another replica.
         let mut cached = false;
         let mut last_replica: Option<String> = None;
+        let steps = StepStream::new(deadline);
         for (i, &t) in timesteps.iter().enumerate() {
             let input = scheduler.scale_model_input(&latents, i);
             let step = DenoiseRequest {
@@ -355,11 +280,11 @@ impl Pipeline {
             );
             let (response, replica) = self
                 .denoiser
-                .call_preferring(
+                .call_on(
                     "denoise",
                     deadline,
                     last_replica.as_deref(),
-                    |ch, timeout| denoise_step(ch, &step, bare.as_ref(), timeout),
+                    |replica, ch, timeout| steps.step(replica, ch, &step, bare.as_ref(), timeout),
                 )
                 .instrument(span.clone())
                 .await?;

@@ -636,6 +636,23 @@ impl Stage {
         F: Fn(Traced, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.call_on(what, deadline, prefer, |_, ch, timeout| f(ch, timeout))
+            .await
+    }
+
+    /// [`Stage::call_preferring`] whose `f` also gets the chosen replica's address, for a
+    /// caller that keeps per-replica state across calls (a generation's open step stream).
+    pub async fn call_on<T, F, Fut>(
+        &self,
+        what: &'static str,
+        deadline: Option<Instant>,
+        prefer: Option<&str>,
+        f: F,
+    ) -> Result<(T, String), Status>
+    where
+        F: Fn(String, Traced, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let mut tried = Vec::new();
         loop {
             let timeout = match deadline {
@@ -669,6 +686,7 @@ impl Stage {
             replica.outstanding.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
             let outcome = f(
+                replica.address.clone(),
                 InterceptedService::new(replica.channel.clone(), Inject),
                 timeout,
             )

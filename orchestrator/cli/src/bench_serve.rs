@@ -135,9 +135,9 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
             "misses"
         );
         for &c in &a.concurrency {
-            let before = sd_orchestrator::pipeline::denoise_traffic();
+            let before = sd_orchestrator::steps::denoise_traffic();
             let level = level(&a, &client, c).await?;
-            let after = sd_orchestrator::pipeline::denoise_traffic();
+            let after = sd_orchestrator::steps::denoise_traffic();
             let t = &level.timings;
             let n = level.images as f64;
             let steps = f64::from(a.steps) * n;
