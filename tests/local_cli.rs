@@ -58,23 +58,34 @@ fn figure(stdout: &str, label: &str) -> f64 {
         .unwrap_or_else(|| panic!("no figure after {label:?}: {line}"))
 }
 
-#[test]
-fn bench_split_times_both_paths_and_the_difference() {
+/// `sd bench split` with `extra` flags on the tiny model: its output, after checking it ran.
+fn bench_split(extra: &[&str]) -> String {
     let run = Command::new(bin("sd"))
         .args([
             "bench", "split", "--size", "64", "--iters", "3", "--warmup", "1", "--run", "2",
-            "--model",
         ])
+        .args(extra)
+        .arg("--model")
         .arg(tiny_model("sd1"))
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(
         run.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&run.stderr)
     );
+    stdout
+}
+
+#[test]
+fn bench_split_times_both_paths_and_the_difference() {
+    let stdout = bench_split(&[]);
     assert!(stdout.contains("latent [1, 4, 8, 8]"), "{stdout}");
+    assert!(
+        stdout.contains("the steps on one DenoiseSteps stream"),
+        "{stdout}"
+    );
     // Four steps per path, in two runs of two; the first one is warm-up.
     assert!(
         stdout.contains("3 step pairs after 1 warm-up, in runs of 2 steps per path"),
@@ -95,6 +106,10 @@ fn bench_split_times_both_paths_and_the_difference() {
         stdout.contains("after 25.0 ms idle") && stdout.contains("after 7.6 ms idle"),
         "{stdout}"
     );
+    // The same split with each step a unary call, as clients of Denoise send them.
+    let unary = bench_split(&["--unary"]);
+    assert!(unary.contains("each step a unary Denoise call"), "{unary}");
+    assert!(unary.contains("split cost per step"), "{unary}");
 }
 
 #[test]

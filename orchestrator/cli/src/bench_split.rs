@@ -5,7 +5,9 @@
 //! would: latents in, guided prediction out, the text context already on the device), and one
 //! behind the denoiser stage's gRPC server on loopback, reached through the orchestrator's own
 //! stage client (replica picking, trace propagation, the conditioning cache: the context is
-//! sent with the first step only). The two paths take turns in runs of consecutive steps, so
+//! sent with the first step only), with the steps on one `DenoiseSteps` stream as a generation
+//! sends them, or as unary Denoise calls with `--unary` (what a client in another language
+//! that calls Denoise pays). The two paths take turns in runs of consecutive steps, so
 //! drift in the machine's speed hits both alike while each path sees what a generation sees:
 //! its next step follows the last one at once, not after a whole step of the other path
 //! (which would leave the denoiser's threads idle for a U-Net step before every request, a
@@ -26,7 +28,10 @@ use sd_models::{
     device::{DTypeSpec, DeviceSpec},
     unet_2d_condition::UNet2DConditionModel,
 };
-use sd_orchestrator::stages::{self, Stage, Timeouts};
+use sd_orchestrator::{
+    stages::{self, Stage, Timeouts},
+    steps::StepStream,
+};
 use sd_proto::stage::{
     DenoiseRequest, DenoiserServiceInfoRequest, DenoiserServiceInfoResponse, Tensor as WireTensor,
 };
@@ -71,6 +76,9 @@ pub struct SplitArgs {
     /// `--model` (checked by revision); `--batch-wait-ms` is then its own.
     #[arg(long)]
     denoiser: Option<String>,
+    /// Send each step as a unary Denoise call instead of on a step stream.
+    #[arg(long)]
+    unary: bool,
     /// GPU step times (ms) to express the overhead against; the defaults are the guided SD 1.5
     /// U-Net step on an H100 in `shared/GPU.md`: eager, and with CUDA graphs.
     #[arg(long, value_delimiter = ',', default_value = "25.0,7.6")]
@@ -173,21 +181,31 @@ pub async fn run(a: SplitArgs) -> anyhow::Result<()> {
         })
     };
     let numel = latent.len();
+    let steps = StepStream::new(None);
     let over_grpc = |t: f32, with_context: bool| {
         let step = request(t, with_context);
         let denoiser = denoiser.clone();
+        let steps = &steps;
         async move {
             let started = Instant::now();
-            let (response, _) = denoiser
-                .call("denoise", None, |ch, timeout| {
-                    let step = step.clone();
-                    async move {
-                        stages::denoiser(ch)
-                            .denoise(stages::request(step, timeout))
-                            .await
-                    }
-                })
-                .await?;
+            let (response, _) = if a.unary {
+                denoiser
+                    .call("denoise", None, |ch, timeout| {
+                        let step = step.clone();
+                        async move {
+                            stages::denoiser(ch)
+                                .denoise(stages::request(step, timeout))
+                                .await
+                        }
+                    })
+                    .await?
+            } else {
+                denoiser
+                    .call_on("denoise", None, None, |replica, ch, timeout| {
+                        steps.step(replica, ch, &step, None, timeout)
+                    })
+                    .await?
+            };
             let values = response
                 .model_output
                 .context("denoiser: response without model_output")?
@@ -374,12 +392,17 @@ fn report(a: &SplitArgs, shape: &[i64; 4], width: i64, local: &[Sample], grpc: &
     println!(
         "guided step: latent {shape:?} f32 ({} KiB each way), context [2, {}, {width}] cached \
          on the denoiser after the first step; {} step pairs after {} warm-up, in runs of {} \
-         steps per path; {denoiser}",
+         steps per path; {denoiser}; {}",
         shape.iter().product::<i64>() * 4 / 1024,
         a.tokens,
         a.iters,
         a.warmup,
         a.run,
+        if a.unary {
+            "each step a unary Denoise call"
+        } else {
+            "the steps on one DenoiseSteps stream"
+        },
     );
     println!(
         "{:<34} {:>9} {:>9} {:>9}",
