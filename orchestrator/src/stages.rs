@@ -619,29 +619,15 @@ impl Stage {
         F: Fn(Traced, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.call_preferring(what, deadline, None, f).await
-    }
-
-    /// [`Stage::call`], preferring the replica at address `prefer` while it is healthy and
-    /// no busier than the balancer's choice (see [`Stage::pick`]). A preference, not a
-    /// session: failover and balancing work as for any call.
-    pub async fn call_preferring<T, F, Fut>(
-        &self,
-        what: &'static str,
-        deadline: Option<Instant>,
-        prefer: Option<&str>,
-        f: F,
-    ) -> Result<(T, String), Status>
-    where
-        F: Fn(Traced, Duration) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
-    {
-        self.call_on(what, deadline, prefer, |_, ch, timeout| f(ch, timeout))
+        self.call_on(what, deadline, None, |_, ch, timeout| f(ch, timeout))
             .await
     }
 
-    /// [`Stage::call_preferring`] whose `f` also gets the chosen replica's address, for a
-    /// caller that keeps per-replica state across calls (a generation's open step stream).
+    /// [`Stage::call`] whose `f` also gets the chosen replica's address, for a caller that
+    /// keeps per-replica state across calls (a generation's open step stream), preferring the
+    /// replica at address `prefer` while it is healthy and no busier than the balancer's
+    /// choice (see [`Stage::pick`]). A preference, not a session: failover and balancing work
+    /// as for any call.
     pub async fn call_on<T, F, Fut>(
         &self,
         what: &'static str,
