@@ -321,6 +321,39 @@ async fn cancelling_a_stream_stops_the_generation_and_frees_its_slot() {
     );
 }
 
+/// A client deadline bounds the generation's steps: 150 steps do not fit in 300 ms, so the
+/// generation ends with DEADLINE_EXCEEDED at the deadline (its step stream reset), and its
+/// slot is free for the next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generation_past_its_deadline_ends_and_frees_its_slot() {
+    let te = stage("sd-text-encoder", &[]).await;
+    let dn = stage("sd-denoiser", &[]).await;
+    let vae = stage("sd-vae", &[]).await;
+    let orch = orchestrator(
+        &te.url(),
+        &dn.url(),
+        &vae.url(),
+        &["--max-concurrent-generations", "1"],
+    )
+    .await;
+    let mut client = sd_e2e::client(&orch.url()).await;
+    // The deadline as a header only, so the orchestrator, not this client, enforces it.
+    let mut late = tonic::Request::new(request(3, 150));
+    late.metadata_mut()
+        .insert("grpc-timeout", "300m".parse().unwrap());
+    let started = std::time::Instant::now();
+    let err = client.generate(late).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert!(err.message().contains("denoiser"), "{}", err.message());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the generation ran on past its deadline: {:?}",
+        started.elapsed()
+    );
+    let reply = client.generate(request(4, 2)).await.unwrap().into_inner();
+    assert_eq!(reply.images.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_beyond_the_limit_is_refused_while_admitted_requests_complete() {
     let te = stage("sd-text-encoder", &[]).await;

@@ -61,7 +61,13 @@ impl ImageGeneration {
     }
 }
 
-/// The deadline a client set with `grpc-timeout`, as an instant.
+/// How much earlier than the client's deadline the orchestrator stops a generation. tonic
+/// enforces `grpc-timeout` around a unary handler too, and answers CANCELLED ("Timeout
+/// expired") when its timer wins; stopping first lets the generation end with
+/// DEADLINE_EXCEEDED naming the stage it was waiting for, as gRPC specifies.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+
+/// The deadline a client set with `grpc-timeout`, as an instant, less [`DEADLINE_MARGIN`].
 fn deadline(metadata: &MetadataMap) -> Option<Instant> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
@@ -75,7 +81,7 @@ fn deadline(metadata: &MetadataMap) -> Option<Instant> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     };
-    Instant::now().checked_add(timeout)
+    Instant::now().checked_add(timeout.saturating_sub(DEADLINE_MARGIN))
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send>>;
@@ -159,7 +165,7 @@ mod tests {
         m.insert("grpc-timeout", "1500m".parse().unwrap());
         let d = deadline(&m).unwrap().duration_since(Instant::now());
         assert!(
-            d <= Duration::from_millis(1500) && d > Duration::from_millis(1400),
+            d <= Duration::from_millis(1500) - DEADLINE_MARGIN && d > Duration::from_millis(1400),
             "{d:?}"
         );
         m.insert("grpc-timeout", "bogus".parse().unwrap());
