@@ -41,6 +41,23 @@ async fn orchestrator(te: &str, dn: &str, vae: &str, extra: &[&str]) -> Service 
     s
 }
 
+/// One replica of each stage behind an orchestrator that runs at most `generations` at once;
+/// the stages come back too, for the test to keep them running.
+async fn one_replica_each(generations: u32) -> ([Service; 3], Service) {
+    let te = stage("sd-text-encoder", &[]).await;
+    let dn = stage("sd-denoiser", &[]).await;
+    let vae = stage("sd-vae", &[]).await;
+    let limit = generations.to_string();
+    let orch = orchestrator(
+        &te.url(),
+        &dn.url(),
+        &vae.url(),
+        &["--max-concurrent-generations", &limit],
+    )
+    .await;
+    ([te, dn, vae], orch)
+}
+
 fn zeros(dtype: DataType, shape: &[i64], bytes: usize) -> Tensor {
     Tensor {
         dtype: dtype as i32,
@@ -277,16 +294,7 @@ async fn a_replica_dying_mid_generation_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_stream_stops_the_generation_and_frees_its_slot() {
-    let te = stage("sd-text-encoder", &[]).await;
-    let dn = stage("sd-denoiser", &[]).await;
-    let vae = stage("sd-vae", &[]).await;
-    let orch = orchestrator(
-        &te.url(),
-        &dn.url(),
-        &vae.url(),
-        &["--max-concurrent-generations", "1"],
-    )
-    .await;
+    let (_stages, orch) = one_replica_each(1).await;
     let mut client = sd_e2e::client(&orch.url()).await;
     let mut stream = client
         .generate_stream(GenerateStreamRequest {
@@ -326,16 +334,7 @@ async fn cancelling_a_stream_stops_the_generation_and_frees_its_slot() {
 /// slot is free for the next request.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_generation_past_its_deadline_ends_and_frees_its_slot() {
-    let te = stage("sd-text-encoder", &[]).await;
-    let dn = stage("sd-denoiser", &[]).await;
-    let vae = stage("sd-vae", &[]).await;
-    let orch = orchestrator(
-        &te.url(),
-        &dn.url(),
-        &vae.url(),
-        &["--max-concurrent-generations", "1"],
-    )
-    .await;
+    let (_stages, orch) = one_replica_each(1).await;
     let mut client = sd_e2e::client(&orch.url()).await;
     // The deadline as a header only, so the orchestrator, not this client, enforces it.
     let mut late = tonic::Request::new(request(3, 150));
@@ -356,16 +355,7 @@ async fn a_generation_past_its_deadline_ends_and_frees_its_slot() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_beyond_the_limit_is_refused_while_admitted_requests_complete() {
-    let te = stage("sd-text-encoder", &[]).await;
-    let dn = stage("sd-denoiser", &[]).await;
-    let vae = stage("sd-vae", &[]).await;
-    let orch = orchestrator(
-        &te.url(),
-        &dn.url(),
-        &vae.url(),
-        &["--max-concurrent-generations", "2"],
-    )
-    .await;
+    let (_stages, orch) = one_replica_each(2).await;
     let client = sd_e2e::client(&orch.url()).await;
     let runs: Vec<_> = (0..10u64)
         .map(|i| {

@@ -89,46 +89,45 @@ pub fn server_span(req: &http::Request<()>) -> tracing::Span {
             otel.status_code = tracing::field::Empty,
         )
     };
-    let parent = opentelemetry::global::get_text_map_propagator(|p| {
-        p.extract(&HeaderExtractor(req.headers()))
-    });
-    if opentelemetry::trace::TraceContextExt::span(&parent)
-        .span_context()
-        .is_valid()
-    {
-        let _ = span.set_parent(parent);
-    }
+    continue_trace(&span, &HeaderExtractor(req.headers()));
     span
 }
 
-/// Writes the current span's trace context into `metadata` (a no-op outside any span).
-pub fn inject_context(metadata: &mut tonic::metadata::MetadataMap) {
-    let cx = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&cx, &mut MetadataInjector(metadata));
-    });
-}
-
-/// Writes the current span's trace context into `carrier` (the W3C `traceparent` and
-/// `tracestate` keys), for a context that travels in a message instead of call headers: each
-/// step on a stream belongs to the trace of the span that sent it.
-pub fn inject_into(carrier: &mut std::collections::HashMap<String, String>) {
-    let cx = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, carrier));
-}
-
-/// Makes `span` a child of the trace context in `carrier` (see [`inject_into`]) when it holds
-/// a valid one; otherwise `span` keeps the parent it was created with.
-pub fn set_parent_from(span: &tracing::Span, carrier: &std::collections::HashMap<String, String>) {
-    if carrier.is_empty() {
-        return;
-    }
+/// Makes `span` a child of the trace context `carrier` holds, when it holds a valid one;
+/// otherwise `span` keeps the parent it was created with.
+fn continue_trace(span: &tracing::Span, carrier: &dyn Extractor) {
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(carrier));
     if opentelemetry::trace::TraceContextExt::span(&parent)
         .span_context()
         .is_valid()
     {
         let _ = span.set_parent(parent);
+    }
+}
+
+/// Writes the current span's trace context into `carrier` (a no-op outside any span).
+fn inject_current(carrier: &mut dyn Injector) {
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, carrier));
+}
+
+/// Writes the current span's trace context into `metadata` (a no-op outside any span).
+pub fn inject_context(metadata: &mut tonic::metadata::MetadataMap) {
+    inject_current(&mut MetadataInjector(metadata));
+}
+
+/// Writes the current span's trace context into `carrier` (the W3C `traceparent` and
+/// `tracestate` keys), for a context that travels in a message instead of call headers: each
+/// step on a stream belongs to the trace of the span that sent it.
+pub fn inject_into(carrier: &mut std::collections::HashMap<String, String>) {
+    inject_current(carrier);
+}
+
+/// Makes `span` a child of the trace context in `carrier` (see [`inject_into`]) when it holds
+/// a valid one; otherwise `span` keeps the parent it was created with.
+pub fn set_parent_from(span: &tracing::Span, carrier: &std::collections::HashMap<String, String>) {
+    if !carrier.is_empty() {
+        continue_trace(span, carrier);
     }
 }
 
